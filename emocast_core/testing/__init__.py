@@ -1,0 +1,1 @@
+"""Offline test material built in the real file formats (tiny models, synthetic inputs); used by tests and `selftest`."""
