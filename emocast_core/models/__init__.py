@@ -1,0 +1,1 @@
+"""The EmoCAST networks. Module paths and parameter names follow the released `net.pth`."""

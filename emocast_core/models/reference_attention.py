@@ -1,0 +1,143 @@
+"""Reference attention: how the ReferenceNet's features reach the denoising UNet.
+
+The ReferenceNet runs once per clip on the reference image and the motion frames. Each of its spatial
+transformer blocks *writes* the LayerNorm-ed input of its self-attention to a bank. The denoising UNet's
+block at the same path *reads* it: a frame's self-attention sees `[own tokens ; reference tokens]` as keys
+and values, and the motion frames' features are put in front of the clip for the motion modules.
+
+Which bank row a denoising row reads is a `ReferencePairing`. The released pipeline pairs rows in a
+peculiar way (ARCHITECTURE.md §5.4) that the weights were trained with; `ReferencePairing.official_cfg`
+reproduces it and `per_sample` is the plain pairing for training batches.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from .attention import attend, heads_attention, output_projection
+
+SelfAttention = Callable[[str, Attention, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReferencePairing:
+    """reference_rows[r]: bank row that denoising row r attends to (-1: plain self-attention);
+    motion_rows[b]: bank rows of batch element b's motion frames, oldest first."""
+
+    reference_rows: tuple[int, ...]
+    motion_rows: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def official_cfg(cls, frames: int, motion_frames: int) -> "ReferencePairing":
+        """The released CFG pairing. The ReferenceNet batch is `[ref, m1.., ref, m1..]` (two groups of
+        1+M rows) with contexts tiled `[u, c, u, c, ...]`; the unconditional half (rows < frames) does
+        not see the reference; conditional row r reads the reference of group `r mod 2`; group g's motion
+        rows are the motion features of batch element g."""
+        group = 1 + motion_frames
+        refs = [-1] * frames + [(r % 2) * group for r in range(frames, 2 * frames)]
+        motion = tuple(tuple(g * group + 1 + m for m in range(motion_frames)) for g in range(2))
+        return cls(tuple(refs), motion)
+
+    @classmethod
+    def per_sample(cls, batch: int, frames: int, motion_frames: int) -> "ReferencePairing":
+        """Bank laid out `[ref_b, m1_b, ..]` per sample; every frame of sample b reads ref_b."""
+        group = 1 + motion_frames
+        refs = [b * group for b in range(batch) for _ in range(frames)]
+        motion = tuple(tuple(b * group + 1 + m for m in range(motion_frames)) for b in range(batch))
+        return cls(tuple(refs), motion)
+
+
+@dataclass
+class ReferenceBank:
+    """Normalised self-attention inputs of every ReferenceNet spatial block, by block path."""
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def write(self, path: str, tokens: torch.Tensor) -> None:
+        if path in self.features:
+            raise RuntimeError(f"reference bank already holds features for {path}: a bank is written once "
+                               f"per clip")
+        self.features[path] = tokens
+
+    def rounded(self, dtype: torch.dtype | None) -> "ReferenceBank":
+        """The release copies banks to the reader in fp16 whatever the run dtype; `dtype` reproduces that."""
+        if dtype is None:
+            return self
+        return ReferenceBank({k: v.to(dtype) for k, v in self.features.items()})
+
+
+@dataclass
+class ReferenceReader:
+    """The denoising UNet's view of a bank: reference keys for self-attention, motion-frame prefixes."""
+
+    bank: ReferenceBank
+    pairing: ReferencePairing
+
+    def _tokens(self, path: str) -> torch.Tensor:
+        try:
+            return self.bank.features[path]
+        except KeyError:
+            raise RuntimeError(f"reference bank has no features for {path}; run the ReferenceNet first")  # noqa: B904
+
+    def self_attention(self, path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
+        rows = torch.tensor(self.pairing.reference_rows, device=normed.device)
+        if rows.numel() != normed.shape[0]:
+            raise ValueError(f"reference pairing covers {rows.numel()} rows, the UNet batch has "
+                             f"{normed.shape[0]}")
+        bank = self._tokens(path)
+        out = torch.empty_like(normed)
+        plain = rows < 0
+        if plain.any():
+            out[plain] = attend(attn, normed[plain])
+        paired = ~plain
+        if paired.any():
+            own = normed[paired]
+            ref = bank.index_select(0, rows[paired]).to(own.dtype)
+            context = torch.cat([own, ref], dim=1)
+            query = attn.to_q(own)
+            mixed = heads_attention(query, attn.to_k(context), attn.to_v(context), attn.heads)
+            out[paired] = output_projection(attn, mixed)
+        return out
+
+    def motion_tokens(self, path: str) -> torch.Tensor:
+        """(B, M, L, C) motion-frame features in front of each batch element's clip."""
+        bank = self._tokens(path)
+        index = torch.tensor(self.pairing.motion_rows, device=bank.device)
+        return bank[index]
+
+
+def plain_self_attention(_path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
+    return attend(attn, normed)
+
+
+def bank_writer(bank: ReferenceBank) -> SelfAttention:
+    def write_then_attend(path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
+        bank.write(path, normed)
+        return attend(attn, normed)
+    return write_then_attend
+
+
+def to_tokens(block: Transformer2DModel, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H*W, C) after the wrapper's GroupNorm and input projection (row-major tokens)."""
+    h = block.proj_in(block.norm(x))
+    return h.flatten(2).transpose(1, 2)
+
+
+def spatial_transformer(block: Transformer2DModel, x: torch.Tensor, context: torch.Tensor, path: str,
+                        self_attention: SelfAttention = plain_self_attention) -> torch.Tensor:
+    """One SD spatial transformer (a diffusers `Transformer2DModel` with one block), per frame.
+
+    Driven here rather than through diffusers' forward because the self-attention must exchange
+    features with the other UNet; the sub-modules and their order are diffusers' own."""
+    n, c, height, width = x.shape
+    h = to_tokens(block, x)
+    tb = block.transformer_blocks[0]
+    h = self_attention(path, tb.attn1, tb.norm1(h)) + h
+    h = tb.attn2(tb.norm2(h), encoder_hidden_states=context) + h
+    h = tb.ff(tb.norm3(h)) + h
+    h = h.transpose(1, 2).reshape(n, c, height, width)
+    return block.proj_out(h) + x
