@@ -1,0 +1,225 @@
+"""The emotive sampler: DDIM with classifier-free guidance over 16-frame clips chained by motion frames.
+
+It reproduces the released inference loop (ARCHITECTURE.md §3.4–3.6): the ReferenceNet runs once per clip
+on `[reference, motion frame 1, motion frame 2]`; the unconditional half of the guidance batch gets empty
+text, the projection of a zero identity, no face-locator features and zero audio tokens, but the same
+emotion text in the audio attention and the same masks; the noise of every clip is drawn in the run dtype
+from one CPU generator seeded once per video; the motion frames of clip k+1 are the last decoded frames of
+clip k (in float, not 8-bit).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+from .models.denoising_unet import FrameConditioning
+from .models.net import EmoCASTNet
+from .models.reference_attention import ReferencePairing, ReferenceReader
+
+LATENT_SCALE = 0.18215  # SD1.5 VAE scaling, hard-coded by the release
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised between denoising steps when the caller's cancel check says so."""
+
+
+class EmotionSchedule(Protocol):
+    """Emotion text over time. `for_clip` gives the clip's embedding for the spatial text attention
+    (1, 77, D) and one per frame for the emotive audio attention (length, 77, D)."""
+
+    unconditional: torch.Tensor  # (1, 77, D): the text encoding of "" (the release's negative text)
+
+    def for_clip(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class ConstantEmotion:
+    """One prompt for the whole video (the release's behaviour)."""
+
+    prompt: torch.Tensor  # (1, 77, D)
+    unconditional: torch.Tensor  # (1, 77, D)
+
+    def for_clip(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prompt, self.prompt.expand(length, -1, -1)
+
+
+@dataclass
+class VideoConditioning:
+    """Everything the sampler needs, already preprocessed.
+
+    reference: (3, H, W) in [-1, 1]; face_region: (3, H, W) in [0, 1] (FaceLocator input); identity: (512,)
+    raw ArcFace embedding; masks: (full, face, lip), each a list over the 4 UNet levels of (L,) or (1, L)
+    tensors in [0, 1]; audio_windows: (N_pad, window, layers, channels) wav2vec2 windows, N_pad a multiple
+    of the clip length; num_frames: frames to keep (the audio's length at 25 fps)."""
+
+    reference: torch.Tensor
+    face_region: torch.Tensor
+    identity: torch.Tensor
+    masks: Sequence[Sequence[torch.Tensor]]
+    audio_windows: torch.Tensor
+    num_frames: int
+    emotion: EmotionSchedule
+
+
+@dataclass
+class SamplingSettings:
+    steps: int = 40
+    cfg: float = 3.5
+    seed: int = 42
+    clip_length: int = 16
+    motion_frames: int = 2
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose, face, lip
+    # The release hands the reference bank to the denoising UNet in fp16 whatever the run dtype.
+    bank_dtype: torch.dtype | None = torch.float16
+    decode_batch: int = 4
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps})")
+        if self.cfg <= 1.0:
+            raise ValueError(f"cfg must be above 1.0 (got {self.cfg}): the model was trained with classifier-"
+                             f"free guidance and the release always runs both halves; 3.5 is the default")
+        if not 1 <= self.motion_frames < self.clip_length:
+            raise ValueError("motion_frames must be between 1 and clip_length - 1")
+        if self.clip_length + self.motion_frames > 32:
+            raise ValueError("clip_length + motion_frames must be at most 32 (the motion modules' position "
+                             "encoding length)")
+
+
+@dataclass(frozen=True)
+class Progress:
+    clip: int  # 0-based
+    clips: int
+    step: int  # 1-based, within the clip
+    steps: int
+
+    @property
+    def fraction(self) -> float:
+        return (self.clip * self.steps + self.step) / (self.clips * self.steps)
+
+
+@dataclass
+class _Prepared:
+    """Per-video tensors that do not change between clips."""
+
+    face_tokens: torch.Tensor  # (2, tokens, D): [uncond, cond]
+    face_features: torch.Tensor  # (2, C, h, w): [zeros, FaceLocator]
+    masks: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+def _prepare(net: EmoCASTNet, cond: VideoConditioning, device: torch.device, dtype: torch.dtype) -> _Prepared:
+    identity = cond.identity.reshape(1, -1).to(device, dtype)
+    face_tokens = net.imageproj(torch.cat([torch.zeros_like(identity), identity]))
+    located = net.face_locator(cond.face_region[None].to(device, dtype))
+    masks = [[m.reshape(1, -1).to(device, dtype) for m in levels] for levels in cond.masks]
+    return _Prepared(face_tokens, torch.cat([torch.zeros_like(located), located]), masks)
+
+
+def _encode_reference(vae: AutoencoderKL, frames: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) in [-1, 1] -> latents: the posterior mean (no sampling), scaled."""
+    return vae.encode(frames).latent_dist.mean * LATENT_SCALE
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor, batch: int) -> torch.Tensor:
+    """(1, 4, F, h, w) -> (F, 3, H, W) float32 in [0, 1], decoded a few frames at a time to bound memory."""
+    frames = (latents * (1 / LATENT_SCALE))[0].transpose(0, 1)
+    images = [vae.decode(chunk).sample for chunk in frames.split(batch)]
+    return (torch.cat(images) / 2 + 0.5).clamp(0, 1).float()
+
+
+def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, prepared: _Prepared,
+                reference_batch: torch.Tensor, audio_windows: torch.Tensor, emotion: tuple[torch.Tensor, torch.Tensor],
+                unconditional_text: torch.Tensor, noise: torch.Tensor, settings: SamplingSettings,
+                step_callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """One clip. reference_batch (1+M, 3, H, W) in [-1, 1]; audio_windows (F, window, layers, C);
+    noise (1, 4, F, h, w). Returns the decoded frames (F, 3, H, W) in [0, 1]."""
+    frames = noise.shape[2]
+    text, per_frame_text = emotion
+    context = torch.cat([torch.cat([unconditional_text, text]), prepared.face_tokens], dim=1)  # (2, 77+4, D)
+
+    audio = net.audioproj(audio_windows[None])
+    frame_cond = FrameConditioning(
+        audio=torch.cat([torch.zeros_like(audio), audio]),
+        emotion=torch.cat([per_frame_text, per_frame_text]),  # both halves get the prompt
+        masks=prepared.masks,
+        weights=settings.weights,
+    )
+    ref_latents = _encode_reference(vae, reference_batch)
+    # Reference batch [ref, m.., ref, m..] with the two contexts tiled [u, c, u, c, ...] (the release's pairing).
+    bank = net.reference_unet(torch.cat([ref_latents, ref_latents]), context.repeat(ref_latents.shape[0], 1, 1),
+                              torch.zeros((), device=noise.device))
+    reader = ReferenceReader(bank.rounded(settings.bank_dtype),
+                             ReferencePairing.official_cfg(frames, settings.motion_frames))
+    latents = noise
+    for i, t in enumerate(scheduler.timesteps):
+        v = net.denoising_unet(torch.cat([latents, latents]), t, context, frame_cond,
+                               face_features=prepared.face_features, reference=reader)
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + settings.cfg * (v_cond - v_uncond)
+        latents = scheduler.step(v, t, latents).prev_sample
+        if step_callback is not None:
+            step_callback(i + 1)
+    return _decode(vae, latents, settings.decode_batch)
+
+
+@torch.no_grad()
+def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: VideoConditioning,
+                    settings: SamplingSettings, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32,
+                    progress: Callable[[Progress], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Generate the whole video: (num_frames, 3, H, W) float32 in [0, 1].
+
+    `progress` is called after every denoising step; `cancel` is checked before every step and raises
+    `GenerationCancelled` when it returns True."""
+    settings.validate()
+    device = torch.device(device)
+    n_pad = cond.audio_windows.shape[0]
+    clip_len, motion = settings.clip_length, settings.motion_frames
+    if n_pad % clip_len or n_pad == 0:
+        raise ValueError(f"audio windows cover {n_pad} frames, not a positive multiple of the clip length "
+                         f"{clip_len}: pad the audio features to whole clips")
+    if not 0 < cond.num_frames <= n_pad:
+        raise ValueError(f"num_frames {cond.num_frames} must be in 1..{n_pad}")
+    clips = n_pad // clip_len
+    height, width = cond.reference.shape[-2:]
+    if height % 64 or width % 64:
+        raise ValueError(f"image size {width}x{height} must be a multiple of 64")
+
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(settings.steps, device=device)
+    prepared = _prepare(net, cond, device, dtype)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    reference = cond.reference.to(device, dtype)
+    unconditional = cond.emotion.unconditional.to(device, dtype)
+    motion_frames = reference[None].expand(motion, -1, -1, -1)
+    outputs = []
+    for clip in range(clips):
+        # Drawn on the CPU generator in the run dtype, as the release does: draws in another dtype and a
+        # cast give other numbers, and a CUDA generator another sequence.
+        noise = torch.randn((1, 4, clip_len, height // 8, width // 8), generator=generator, dtype=dtype)
+        start = clip * clip_len
+        text, per_frame = cond.emotion.for_clip(start, clip_len)
+
+        def on_step(step: int, clip: int = clip) -> None:
+            if progress is not None:
+                progress(Progress(clip, clips, step, settings.steps))
+            if cancel is not None and step < settings.steps and cancel():
+                raise GenerationCancelled("generation cancelled")
+
+        if cancel is not None and cancel():
+            raise GenerationCancelled("generation cancelled")
+        decoded = sample_clip(
+            net, vae, scheduler, prepared,
+            torch.cat([reference[None], motion_frames]),
+            cond.audio_windows[start:start + clip_len].to(device, dtype),
+            (text.to(device, dtype), per_frame.to(device, dtype)), unconditional,
+            noise.to(device, dtype), settings, on_step)
+        outputs.append(decoded.cpu())
+        motion_frames = (decoded[-motion:] * 2 - 1).to(device, dtype)
+    return torch.cat(outputs)[: cond.num_frames]
