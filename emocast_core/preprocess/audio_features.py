@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from emocast_core.preprocess.audio import (
+from .audio import (
     DEFAULT_FPS,
     TARGET_SAMPLE_RATE,
     AudioClip,

@@ -1,0 +1,1 @@
+"""Staged training of EmoCAST (run from the repository root: `python -m training ...`)."""
