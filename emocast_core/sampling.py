@@ -12,40 +12,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
+from .emotion import EmotionConditioning
 from .models.denoising_unet import FrameConditioning
 from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
+from .scheduler import initial_noise
 
 LATENT_SCALE = 0.18215  # SD1.5 VAE scaling, hard-coded by the release
 
 
 class GenerationCancelled(RuntimeError):
     """Raised between denoising steps when the caller's cancel check says so."""
-
-
-class EmotionSchedule(Protocol):
-    """Emotion text over time. `for_clip` gives the clip's embedding for the spatial text attention
-    (1, 77, D) and one per frame for the emotive audio attention (length, 77, D)."""
-
-    unconditional: torch.Tensor  # (1, 77, D): the text encoding of "" (the release's negative text)
-
-    def for_clip(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class ConstantEmotion:
-    """One prompt for the whole video (the release's behaviour)."""
-
-    prompt: torch.Tensor  # (1, 77, D)
-    unconditional: torch.Tensor  # (1, 77, D)
-
-    def for_clip(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prompt, self.prompt.expand(length, -1, -1)
 
 
 @dataclass
@@ -63,7 +43,7 @@ class VideoConditioning:
     masks: Sequence[Sequence[torch.Tensor]]
     audio_windows: torch.Tensor
     num_frames: int
-    emotion: EmotionSchedule
+    emotion: EmotionConditioning
 
 
 @dataclass
@@ -196,13 +176,11 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
     prepared = _prepare(net, cond, device, dtype)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     reference = cond.reference.to(device, dtype)
-    unconditional = cond.emotion.unconditional.to(device, dtype)
+    unconditional = cond.emotion.uncond.to(device, dtype)
     motion_frames = reference[None].expand(motion, -1, -1, -1)
     outputs = []
     for clip in range(clips):
-        # Drawn on the CPU generator in the run dtype, as the release does: draws in another dtype and a
-        # cast give other numbers, and a CUDA generator another sequence.
-        noise = torch.randn((1, 4, clip_len, height // 8, width // 8), generator=generator, dtype=dtype)
+        noise = initial_noise(generator, (1, 4, clip_len, height // 8, width // 8), dtype)
         start = clip * clip_len
         text, per_frame = cond.emotion.for_clip(start, clip_len)
 
