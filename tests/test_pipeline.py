@@ -1,0 +1,125 @@
+"""The complete generation path on tiny models saved in the real formats, with a real photo and real speech."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emocast_core.model_paths import ModelPaths
+from emocast_core.pipeline import (EmoCASTModels, GenerationCancelled, GenerationRequest, generate, resolve_dtype,
+                                   trim_audio)
+from emocast_core.preprocess.audio import AudioClip
+from emocast_core.sampling import SamplingSettings
+from emocast_core.testing.speech import synthesize_speech
+from emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def models(model_dir):
+    return EmoCASTModels.load(ModelPaths.resolve(model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    from skimage import data
+    return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def speech():
+    wave = synthesize_speech("Hello there.")
+    return AudioClip(torch.from_numpy(wave)[None], 16000)
+
+
+def _request(portrait, audio, **kw):
+    sampling = SamplingSettings(steps=kw.pop("steps", 1), clip_length=8, seed=kw.pop("seed", 7))
+    return GenerationRequest(image=portrait, audio=audio, size=TINY_SIZE, sampling=sampling, **kw)
+
+
+def test_generate_frames_audio_and_progress(models, portrait, speech):
+    events = []
+    result = generate(models, _request(portrait, speech, emotion="0: calm | 0.4: furious", steps=2),
+                      progress=events.append)
+    expected_frames = math.ceil(speech.num_samples / 16000 * 25)
+    assert result.frames.shape == (expected_frames, 3, TINY_SIZE, TINY_SIZE)
+    assert result.frames.dtype == torch.float32
+    assert 0.0 <= result.frames.min() and result.frames.max() <= 1.0
+    assert result.frames.std() > 0.01  # not a constant image
+    assert result.fps == 25
+    assert result.audio.num_samples == round(expected_frames / 25 * 16000)
+    # ceil(samples / 640) frames: the last frame's audio is padded with silence
+    n = speech.num_samples
+    torch.testing.assert_close(result.audio.waveform[:, :n], speech.waveform)
+    assert result.audio.waveform[:, n:].abs().max() == 0
+    clips = math.ceil(expected_frames / 8)
+    assert [(e.clip, e.step) for e in events] == [(c, s) for c in range(clips) for s in (1, 2)]
+    assert events[-1].fraction == 1.0 and events[0].clips == clips
+
+
+def test_generation_is_seeded(models, portrait, speech):
+    a = generate(models, _request(portrait, speech, seed=3)).frames
+    b = generate(models, _request(portrait, speech, seed=3)).frames
+    c = generate(models, _request(portrait, speech, seed=4)).frames
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_cancel_between_steps(models, portrait, speech):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(GenerationCancelled):
+        generate(models, _request(portrait, speech, steps=3), cancel=cancel)
+    assert len(calls) == 3
+
+
+def test_bad_inputs_get_specific_errors(models, portrait, speech):
+    silent = AudioClip(torch.zeros(1, 16000), 16000)
+    with pytest.raises(ValueError, match="silent"):
+        generate(models, _request(portrait, silent))
+    blank = np.full((256, 256, 3), 128, dtype=np.uint8)
+    with pytest.raises(ValueError, match="[Nn]o face"):
+        generate(models, _request(blank, speech))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        generate(models, GenerationRequest(image=portrait, audio=speech, size=100))
+    with pytest.raises(ValueError, match="cfg must be above 1.0"):
+        generate(models, GenerationRequest(image=portrait, audio=speech, size=TINY_SIZE,
+                                           sampling=SamplingSettings(cfg=1.0, clip_length=8)))
+    with pytest.raises(ValueError, match="77"):
+        generate(models, _request(portrait, speech, emotion="very " * 80 + "happy"))
+
+
+def test_missing_model_files_are_reported_together(tmp_path):
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        ModelPaths.resolve(tmp_path)
+    text = str(err.value)
+    for expected in ("emocast.safetensors", "clip", "wav2vec2", "face_analysis", "vae/config.json",
+                     "huggingface.co/Jmaomao/EmoCAST"):
+        assert expected in text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ModelPaths.resolve(tmp_path / "nowhere")
+
+
+def test_trim_audio_pads_and_cuts():
+    clip = AudioClip(torch.ones(2, 1000), 8000)
+    assert trim_audio(clip, 2).num_samples == 640
+    longer = trim_audio(clip, 4)
+    assert longer.num_samples == 1280 and longer.waveform[:, 1000:].abs().max() == 0
+
+
+def test_dtype_choice():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
