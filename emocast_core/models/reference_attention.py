@@ -84,23 +84,28 @@ class ReferenceReader:
             raise RuntimeError(f"reference bank has no features for {path}; run the ReferenceNet first")  # noqa: B904
 
     def self_attention(self, path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
-        rows = torch.tensor(self.pairing.reference_rows, device=normed.device)
-        if rows.numel() != normed.shape[0]:
-            raise ValueError(f"reference pairing covers {rows.numel()} rows, the UNet batch has "
-                             f"{normed.shape[0]}")
+        rows = self.pairing.reference_rows
+        if len(rows) != normed.shape[0]:
+            raise ValueError(f"reference pairing covers {len(rows)} rows, the UNet batch has {normed.shape[0]}")
+        # Row selections come from the static pairing: no device synchronisation in the hot path.
+        plain = [r for r, ref in enumerate(rows) if ref < 0]
+        paired = [r for r, ref in enumerate(rows) if ref >= 0]
+        if not paired:
+            return attend(attn, normed)
         bank = self._tokens(path)
+        device = normed.device
+        paired_idx = torch.tensor(paired, device=device)
+        own = normed.index_select(0, paired_idx)
+        ref = bank.index_select(0, torch.tensor([rows[r] for r in paired], device=bank.device)).to(own)
+        context = torch.cat([own, ref], dim=1)
+        mixed = heads_attention(attn.to_q(own), attn.to_k(context), attn.to_v(context), attn.heads)
+        mixed = output_projection(attn, mixed)
+        if not plain:
+            return mixed
         out = torch.empty_like(normed)
-        plain = rows < 0
-        if plain.any():
-            out[plain] = attend(attn, normed[plain])
-        paired = ~plain
-        if paired.any():
-            own = normed[paired]
-            ref = bank.index_select(0, rows[paired]).to(own.dtype)
-            context = torch.cat([own, ref], dim=1)
-            query = attn.to_q(own)
-            mixed = heads_attention(query, attn.to_k(context), attn.to_v(context), attn.heads)
-            out[paired] = output_projection(attn, mixed)
+        out.index_copy_(0, paired_idx, mixed)
+        plain_idx = torch.tensor(plain, device=device)
+        out.index_copy_(0, plain_idx, attend(attn, normed.index_select(0, plain_idx)))
         return out
 
     def motion_tokens(self, path: str) -> torch.Tensor:
