@@ -86,6 +86,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out = generate_from_files(args.models, args.image, args.audio, args.emotion, args.out, settings,
                               size=args.size, crop=not args.no_crop, crossfade=args.crossfade,
                               strength=args.strength, device=args.device, dtype=args.dtype, net=args.net,
+                              separate_vocals=not args.no_separation,
                               show_progress=not args.quiet)
     print(f"wrote {out}")
     return 0
@@ -124,6 +125,8 @@ GENERATE_ARGS = (
     arg("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
         help="precision (auto: fp16 on a GPU, fp32 on the CPU)"),
     arg("--net", type=Path, help="weights file to use instead of the one in --models"),
+    arg("--no-separation", action="store_true",
+        help="skip vocal separation even when the model folder has separator/Kim_Vocal_2.onnx"),
 )
 
 COMMANDS: tuple[Command, ...] = (

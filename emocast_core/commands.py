@@ -57,7 +57,8 @@ class TqdmProgress:
 def generate_from_files(models_dir: str | Path, image: str | Path, audio: str | Path, emotion: str,
                         out: str | Path, settings: SamplingSettings, size: int = 512, crop: bool = True,
                         crossfade: float = 0.5, strength: float = 1.0, device: str = "auto", dtype: str = "auto",
-                        net: str | Path | None = None, show_progress: bool = True) -> Path:
+                        net: str | Path | None = None, separate_vocals: bool = True,
+                        show_progress: bool = True) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"output {out} must end in .mp4")
@@ -68,7 +69,8 @@ def generate_from_files(models_dir: str | Path, image: str | Path, audio: str | 
     models = EmoCASTModels.load(paths, device=device, dtype=dtype)
     log.info("models loaded in %.1f s", time.perf_counter() - started)
     request = GenerationRequest(image=portrait, audio=speech, emotion=emotion, size=size, crop=crop,
-                                crossfade=crossfade, strength=strength, sampling=settings)
+                                crossfade=crossfade, strength=strength, sampling=settings,
+                                separate_vocals=separate_vocals)
     bar = TqdmProgress() if show_progress else None
     try:
         return generate_video(models, request, out, progress=bar)

@@ -7,6 +7,7 @@
       clip/                         HF CLIP ViT-L/14 text model + tokenizer
       wav2vec2/                     HF wav2vec2-base-960h (model + preprocessor_config.json)
       face_analysis/                insightface ONNX: detector, ArcFace recognition, 2d106 landmarks
+      separator/                    optional: MDX-Net vocal separator (Kim_Vocal_2.onnx)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Requirement:
 
 @dataclass(frozen=True)
 class ModelPaths:
+    root: Path
     net: Path
     config: Path | None
     vae: Path
@@ -45,7 +47,7 @@ class ModelPaths:
         net_path = Path(net) if net is not None else next(
             (root / n for n in NET_FILES if (root / n).is_file()), root / NET_FILES[0])
         config = root / "config.json"
-        paths = cls(net=net_path, config=config if config.is_file() else None, vae=root / "vae",
+        paths = cls(root=root, net=net_path, config=config if config.is_file() else None, vae=root / "vae",
                     clip=root / "clip", wav2vec2=root / "wav2vec2", face_analysis=root / "face_analysis")
         missing = [r for r in paths.requirements() if not r.path.exists()]
         missing += [r for r in paths._folder_contents() if r.path.parent.exists() and not r.path.exists()]

@@ -21,6 +21,7 @@ from .models.net import EmoCASTNet
 from .preprocess.audio import AudioClip, VocalSeparator
 from .preprocess.audio_features import Wav2Vec2AudioEncoder, extract_audio_features
 from .preprocess.face import FaceAnalyzer, FaceConditioning, prepare_face
+from .preprocess.vocal_separation import find_separator
 from .sampling import GenerationCancelled, Progress, SamplingSettings, VideoConditioning, generate_frames
 from .scheduler import make_scheduler
 
@@ -66,6 +67,7 @@ class EmoCASTModels:
     scheduler: DDIMScheduler
     device: torch.device
     dtype: torch.dtype
+    separator: VocalSeparator | None = None  # present when the model folder has separator/*.onnx
 
     @classmethod
     def load(cls, paths: ModelPaths, device: str | torch.device | None = None,
@@ -81,7 +83,8 @@ class EmoCASTModels:
         providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" \
             else ("CPUExecutionProvider",)
         face = FaceAnalyzer.from_folder(paths.face_analysis, providers=providers)
-        return cls(net, vae, text, audio, face, make_scheduler(), device, dtype)
+        separator = find_separator(paths.root, providers=providers)
+        return cls(net, vae, text, audio, face, make_scheduler(), device, dtype, separator)
 
     @property
     def image_size_multiple(self) -> int:
@@ -98,7 +101,7 @@ class GenerationRequest:
     crossfade: float = 0.5  # seconds, between timeline prompts
     strength: float = 1.0  # experimental: 1.0 is the released behaviour
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    separator: VocalSeparator | None = None
+    separate_vocals: bool = True  # when the model folder has a separator (as released: always on)
 
 
 @dataclass
@@ -129,7 +132,7 @@ def prepare(models: EmoCASTModels, request: GenerationRequest) -> tuple[VideoCon
     settings = request.sampling
     face = prepare_face(request.image, models.face_analyzer, size=request.size, crop=request.crop)
     audio = extract_audio_features(request.audio, models.audio_encoder, settings.clip_length,
-                                   separator=request.separator, fps=FPS)
+                                   separator=models.separator if request.separate_vocals else None, fps=FPS)
     emotion = build_emotion_conditioning(models.text_encoder, request.emotion, audio.num_frames, fps=FPS,
                                          crossfade=request.crossfade, strength=request.strength)
     cond = VideoConditioning(

@@ -123,3 +123,18 @@ def test_dtype_choice():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_vocal_separator_in_the_model_folder_is_used(tmp_path, portrait, speech, caplog):
+    """A separator/ folder (here an identity MDX-Net model with the real signature) is found and applied."""
+    root = write_tiny_models(tmp_path / "models", separator=True)
+    loaded = EmoCASTModels.load(ModelPaths.resolve(root), device="cpu", dtype="fp32")
+    assert loaded.separator is not None
+    calls = []
+    real = loaded.separator.separate
+    loaded.separator.separate = lambda clip: calls.append(clip) or real(clip)
+    with_sep = generate(loaded, _request(portrait, speech)).frames
+    assert len(calls) == 1 and calls[0].sample_rate == speech.sample_rate
+    calls.clear()
+    without = generate(loaded, _request(portrait, speech, separate_vocals=False)).frames
+    assert calls == [] and with_sep.shape == without.shape

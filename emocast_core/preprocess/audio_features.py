@@ -186,18 +186,21 @@ def extract_audio_features(
         clip = source
     else:
         clip = load_audio(source)
-    waveform = to_mono_16k(clip)
     if separator is None:
         logger.info(
             "vocal separation is off: wav2vec2 sees the audio as given (music or noise will leak into the features)"
         )
+        waveform = to_mono_16k(clip)
+    elif hasattr(separator, "separate"):
+        # A clip-level separator sees the file at its own rate and channels, as the release separates the
+        # original file at 44.1 kHz before resampling to 16 kHz.
+        waveform = _checked_stem(to_mono_16k(separator.separate(clip)), fps)
     else:
-        waveform = _separate(separator, waveform, fps)
+        waveform = _checked_stem(separator(to_mono_16k(clip)), fps)
     return encoder.encode(waveform, clip_length, fps=fps)
 
 
-def _separate(separator: VocalSeparator, waveform: torch.Tensor, fps: int) -> torch.Tensor:
-    vocals = separator(waveform)
+def _checked_stem(vocals: torch.Tensor, fps: int) -> torch.Tensor:
     if not isinstance(vocals, torch.Tensor) or vocals.dim() != 1:
         shape = tuple(vocals.shape) if isinstance(vocals, torch.Tensor) else type(vocals)
         raise ValueError(f"the vocal separator must return a mono waveform (samples,), got {shape}")

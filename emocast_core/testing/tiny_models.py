@@ -92,8 +92,8 @@ def write_wav2vec2(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
-    """Write the whole tiny model folder; returns it."""
+def write_tiny_models(folder: str | Path, seed: int = 0, separator: bool = False) -> Path:
+    """Write the whole tiny model folder (with an identity vocal separator when asked); returns it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_net(folder, seed)
@@ -101,4 +101,8 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
     write_clip(folder / "clip")
     write_wav2vec2(folder / "wav2vec2")
     write_face_models(folder / "face_analysis")
+    if separator:
+        from .separator_model import write_identity_mdx
+        (folder / "separator").mkdir(exist_ok=True)
+        write_identity_mdx(folder / "separator" / "Kim_Vocal_2.onnx")
     return folder
