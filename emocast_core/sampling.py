@@ -56,6 +56,9 @@ class SamplingSettings:
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose, face, lip
     # The release hands the reference bank to the denoising UNet in fp16 whatever the run dtype.
     bank_dtype: torch.dtype | None = torch.float16
+    # Precision the initial noise is drawn in; None: the run dtype, as released (so a seed gives other
+    # noise in fp16 than in fp32). fp32 makes a seed give the same video in every precision.
+    noise_dtype: torch.dtype | None = None
     decode_batch: int = 4
 
     def validate(self) -> None:
@@ -180,7 +183,8 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
     motion_frames = reference[None].expand(motion, -1, -1, -1)
     outputs = []
     for clip in range(clips):
-        noise = initial_noise(generator, (1, 4, clip_len, height // 8, width // 8), dtype)
+        noise = initial_noise(generator, (1, 4, clip_len, height // 8, width // 8), dtype,
+                              draw_dtype=settings.noise_dtype)
         start = clip * clip_len
         text, per_frame = cond.emotion.for_clip(start, clip_len)
 

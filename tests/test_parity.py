@@ -31,14 +31,13 @@ def fixture_dir(reference_dir) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def official_run(fixture_dir):
-    """Our pipeline on the fixture, fp32 on the CPU, with the first clip's UNet outputs recorded."""
+def _run(fixture_dir, dtype=torch.float32, noise_dtype=None):
+    """Our pipeline on the fixture on the CPU, with the first clip's UNet outputs recorded."""
     inputs = torch.load(fixture_dir / "inputs.pt", weights_only=True)
     expected = torch.load(fixture_dir / "expected.pt", weights_only=True)
-    net = load_net(fixture_dir / "net.safetensors", fixture_dir / "config.json", dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(fixture_dir / "vae", local_files_only=True).float()
-    text = EmotionTextEncoder.from_pretrained(fixture_dir / "clip")
+    net = load_net(fixture_dir / "net.safetensors", fixture_dir / "config.json", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(fixture_dir / "vae", local_files_only=True, torch_dtype=dtype)
+    text = EmotionTextEncoder.from_pretrained(fixture_dir / "clip", dtype=dtype)
 
     clip_length = inputs["n_sample_frames"]
     audio = AudioFeatures(inputs["audio_emb"], inputs["audio_length"], clip_length)
@@ -51,14 +50,20 @@ def official_run(fixture_dir):
     assert tuple(cond.reference.shape[-2:]) == (inputs["height"], inputs["width"])
     settings = SamplingSettings(steps=inputs["steps"], cfg=inputs["cfg"], seed=inputs["seed"],
                                 clip_length=clip_length, motion_frames=inputs["n_motion_frames"],
-                                weights=tuple(float(w) for w in inputs.get("motion_scale", (1.0, 1.0, 1.0))))
+                                weights=tuple(float(w) for w in inputs.get("motion_scale", (1.0, 1.0, 1.0))),
+                                noise_dtype=noise_dtype)
     calls = []
     handle = net.denoising_unet.register_forward_hook(lambda m, a, out: calls.append(out.detach().clone()))
     try:
-        video = generate_frames(net, vae, make_scheduler(), cond, settings)
+        video = generate_frames(net, vae, make_scheduler(), cond, settings, dtype=dtype)
     finally:
         handle.remove()
     return inputs, expected, video, calls
+
+
+@pytest.fixture(scope="module")
+def official_run(fixture_dir):
+    return _run(fixture_dir)
 
 
 def _single_key(prompt: str):
@@ -89,3 +94,12 @@ def test_timesteps_match_official(official_run):
     scheduler = make_scheduler()
     scheduler.set_timesteps(inputs["steps"])
     assert scheduler.timesteps.tolist() == expected["timesteps"].tolist()
+
+
+def test_half_precision_stays_close_to_the_official_fp32_frames(fixture_dir):
+    """The fp16 path (what a GPU runs) has no dtype mix-ups: with the fp32 noise it stays within the
+    fixture's stated fp16-vs-fp32 spread (0.1)."""
+    inputs, expected, video, _ = _run(fixture_dir, torch.float16, noise_dtype=torch.float32)
+    assert video.dtype == torch.float32
+    diff = (video.permute(1, 0, 2, 3) - expected["video"]).abs().max().item()
+    assert diff <= 0.1, f"max |Δ video| in fp16 = {diff:.3g}"
