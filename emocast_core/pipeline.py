@@ -22,7 +22,8 @@ from .preprocess.audio import AudioClip, VocalSeparator
 from .preprocess.audio_features import Wav2Vec2AudioEncoder, extract_audio_features
 from .preprocess.face import FaceAnalyzer, FaceConditioning, prepare_face
 from .preprocess.vocal_separation import find_separator
-from .sampling import GenerationCancelled, Progress, SamplingSettings, VideoConditioning, generate_frames
+from .sampling import (GenerationCancelled, Progress, SamplingSettings, VideoConditioning, generate_frames,
+                       iter_clips)
 from .scheduler import make_scheduler
 
 log = logging.getLogger("emocast_core.pipeline")
@@ -143,14 +144,18 @@ def prepare(models: EmoCASTModels, request: GenerationRequest) -> tuple[VideoCon
     return cond, face
 
 
-def generate(models: EmoCASTModels, request: GenerationRequest,
-             progress: Callable[[Progress], None] | None = None,
-             cancel: Callable[[], bool] | None = None) -> GenerationResult:
-    cond, face = prepare(models, request)
+def _log_start(models: EmoCASTModels, request: GenerationRequest, cond: VideoConditioning) -> None:
     log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s",
              cond.num_frames, cond.audio_windows.shape[0] // request.sampling.clip_length,
              request.sampling.clip_length, request.size, request.size, request.sampling.steps,
              request.sampling.cfg, str(models.dtype).removeprefix("torch."), models.device)
+
+
+def generate(models: EmoCASTModels, request: GenerationRequest,
+             progress: Callable[[Progress], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> GenerationResult:
+    cond, face = prepare(models, request)
+    _log_start(models, request, cond)
     frames = generate_frames(models.net, models.vae, models.scheduler, cond, request.sampling,
                              device=models.device, dtype=models.dtype, progress=progress, cancel=cancel)
     return GenerationResult(frames, trim_audio(request.audio, frames.shape[0]), FPS, face)
@@ -159,8 +164,15 @@ def generate(models: EmoCASTModels, request: GenerationRequest,
 def generate_video(models: EmoCASTModels, request: GenerationRequest, out_path: str | Path,
                    progress: Callable[[Progress], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> Path:
-    """Generate and write the MP4 (H.264 + AAC); nothing is left at out_path unless it completes."""
-    from .video import write_video
+    """Generate and write the MP4 (H.264 + AAC) clip by clip, so memory does not grow with the video's
+    length; nothing is left at out_path unless it completes."""
+    from .video import VideoWriter
 
-    result = generate(models, request, progress, cancel)
-    return write_video(out_path, result.frames, fps=result.fps, audio=result.audio)
+    cond, _ = prepare(models, request)
+    _log_start(models, request, cond)
+    audio = trim_audio(request.audio, cond.num_frames)
+    with VideoWriter(out_path, fps=FPS, audio=audio) as writer:
+        for clip in iter_clips(models.net, models.vae, models.scheduler, cond, request.sampling,
+                               device=models.device, dtype=models.dtype, progress=progress, cancel=cancel):
+            writer.write(clip)
+    return writer.path

@@ -10,7 +10,7 @@ clip k (in float, not 8-bit).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -150,7 +150,6 @@ def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, p
     return _decode(vae, latents, settings.decode_batch)
 
 
-@torch.no_grad()
 def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: VideoConditioning,
                     settings: SamplingSettings, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32,
@@ -160,6 +159,17 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
 
     `progress` is called after every denoising step; `cancel` is checked before every step and raises
     `GenerationCancelled` when it returns True."""
+    return torch.cat(list(iter_clips(net, vae, scheduler, cond, settings, device, dtype, progress, cancel)))
+
+
+@torch.no_grad()
+def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: VideoConditioning,
+               settings: SamplingSettings, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32,
+               progress: Callable[[Progress], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+    """The video clip by clip, each (frames, 3, H, W) float32 on the CPU, the last one trimmed to the audio:
+    a long video can be written as it is made instead of being held in memory."""
     settings.validate()
     device = torch.device(device)
     n_pad = cond.audio_windows.shape[0]
@@ -181,7 +191,6 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
     reference = cond.reference.to(device, dtype)
     unconditional = cond.emotion.uncond.to(device, dtype)
     motion_frames = reference[None].expand(motion, -1, -1, -1)
-    outputs = []
     for clip in range(clips):
         noise = initial_noise(generator, (1, 4, clip_len, height // 8, width // 8), dtype,
                               draw_dtype=settings.noise_dtype)
@@ -202,6 +211,5 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
             cond.audio_windows[start:start + clip_len].to(device, dtype),
             (text.to(device, dtype), per_frame.to(device, dtype)), unconditional,
             noise.to(device, dtype), settings, on_step)
-        outputs.append(decoded.cpu())
         motion_frames = (decoded[-motion:] * 2 - 1).to(device, dtype)
-    return torch.cat(outputs)[: cond.num_frames]
+        yield decoded[: cond.num_frames - start].cpu()
