@@ -15,24 +15,24 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from .checkpoints import load_net
-from .emotion import EmotionTextEncoder, build_emotion_conditioning
+from .conditioning import (FPS, AudioInput, EmotionInput, FaceInput, GenerationResult, encode_audio, encode_emotion,
+                           encode_face, log_start, sample, trim_audio, video_conditioning)
+from .emotion import EmotionTextEncoder
 from .model_paths import ModelPaths
 from .models.net import EmoCASTNet
 from .preprocess.audio import AudioClip, VocalSeparator
-from .preprocess.audio_features import Wav2Vec2AudioEncoder, extract_audio_features
-from .preprocess.face import FaceAnalyzer, FaceConditioning, prepare_face
+from .preprocess.audio_features import Wav2Vec2AudioEncoder
+from .preprocess.face import FaceAnalyzer
 from .preprocess.vocal_separation import find_separator
-from .sampling import (GenerationCancelled, Progress, SamplingSettings, VideoConditioning, generate_frames,
-                       iter_clips)
+from .sampling import GenerationCancelled, Progress, SamplingSettings, iter_clips
 from .scheduler import make_scheduler
 
 log = logging.getLogger("emocast_core.pipeline")
 
-FPS = 25
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 __all__ = ["EmoCASTModels", "GenerationRequest", "GenerationResult", "GenerationCancelled", "Progress",
-           "generate", "generate_video", "resolve_dtype", "resolve_device"]
+           "encode_request", "generate", "generate_video", "resolve_dtype", "resolve_device", "trim_audio"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -105,60 +105,18 @@ class GenerationRequest:
     separate_vocals: bool = True  # when the model folder has a separator (as released: always on)
 
 
-@dataclass
-class GenerationResult:
-    frames: torch.Tensor  # (T, 3, H, W) float32 in [0, 1]
-    audio: AudioClip  # the input speech cut to exactly T / fps seconds
-    fps: int
-    face: FaceConditioning
-
-    @property
-    def num_frames(self) -> int:
-        return self.frames.shape[0]
-
-
-def trim_audio(audio: AudioClip, num_frames: int, fps: int = FPS) -> AudioClip:
-    """The speech cut (or zero-padded) to exactly num_frames / fps seconds."""
-    samples = round(num_frames * audio.sample_rate / fps)
-    wave = audio.waveform[:, :samples]
-    if wave.shape[1] < samples:
-        wave = torch.nn.functional.pad(wave, (0, samples - wave.shape[1]))
-    return AudioClip(wave.contiguous(), audio.sample_rate)
-
-
-def prepare(models: EmoCASTModels, request: GenerationRequest) -> tuple[VideoConditioning, FaceConditioning]:
-    """Preprocess the three inputs into the sampler's conditioning (errors name the input at fault)."""
-    if request.size % models.image_size_multiple or request.size < 64:
-        raise ValueError(f"size must be a positive multiple of {models.image_size_multiple} (got {request.size})")
-    settings = request.sampling
-    face = prepare_face(request.image, models.face_analyzer, size=request.size, crop=request.crop)
-    audio = extract_audio_features(request.audio, models.audio_encoder, settings.clip_length,
-                                   separator=models.separator if request.separate_vocals else None, fps=FPS)
-    emotion = build_emotion_conditioning(models.text_encoder, request.emotion, audio.num_frames, fps=FPS,
-                                         crossfade=request.crossfade, strength=request.strength)
-    cond = VideoConditioning(
-        reference=face.reference, face_region=face.face_region, identity=face.identity,
-        masks=[face.masks.full, face.masks.face, face.masks.lip],
-        audio_windows=audio.windows(models.net.config.audio_projection.window),
-        num_frames=audio.num_frames, emotion=emotion)
-    return cond, face
-
-
-def _log_start(models: EmoCASTModels, request: GenerationRequest, cond: VideoConditioning) -> None:
-    log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s",
-             cond.num_frames, cond.audio_windows.shape[0] // request.sampling.clip_length,
-             request.sampling.clip_length, request.size, request.size, request.sampling.steps,
-             request.sampling.cfg, str(models.dtype).removeprefix("torch."), models.device)
+def encode_request(models: EmoCASTModels, request: GenerationRequest) -> tuple[FaceInput, AudioInput, EmotionInput]:
+    """Preprocess the three inputs (errors name the input at fault)."""
+    face = encode_face(models, request.image, request.size, request.crop)
+    audio = encode_audio(models, request.audio, request.sampling.clip_length, request.separate_vocals)
+    emotion = encode_emotion(models, request.emotion, request.crossfade, request.strength)
+    return face, audio, emotion
 
 
 def generate(models: EmoCASTModels, request: GenerationRequest,
              progress: Callable[[Progress], None] | None = None,
              cancel: Callable[[], bool] | None = None) -> GenerationResult:
-    cond, face = prepare(models, request)
-    _log_start(models, request, cond)
-    frames = generate_frames(models.net, models.vae, models.scheduler, cond, request.sampling,
-                             device=models.device, dtype=models.dtype, progress=progress, cancel=cancel)
-    return GenerationResult(frames, trim_audio(request.audio, frames.shape[0]), FPS, face)
+    return sample(models, *encode_request(models, request), request.sampling, progress, cancel)
 
 
 def generate_video(models: EmoCASTModels, request: GenerationRequest, out_path: str | Path,
@@ -168,10 +126,10 @@ def generate_video(models: EmoCASTModels, request: GenerationRequest, out_path: 
     length; nothing is left at out_path unless it completes."""
     from .video import VideoWriter
 
-    cond, _ = prepare(models, request)
-    _log_start(models, request, cond)
-    audio = trim_audio(request.audio, cond.num_frames)
-    with VideoWriter(out_path, fps=FPS, audio=audio) as writer:
+    face, audio, emotion = encode_request(models, request)
+    cond = video_conditioning(models, face, audio, emotion)
+    log_start(models, cond, request.sampling, face.size)
+    with VideoWriter(out_path, fps=FPS, audio=trim_audio(request.audio, cond.num_frames)) as writer:
         for clip in iter_clips(models.net, models.vae, models.scheduler, cond, request.sampling,
                                device=models.device, dtype=models.dtype, progress=progress, cancel=cancel):
             writer.write(clip)

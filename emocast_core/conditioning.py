@@ -1,0 +1,222 @@
+"""`generate` split into its steps: face, speech and emotion encoded separately, then sampled.
+
+`pipeline.generate` runs everything from one request. Graph front-ends (the ComfyUI nodes) encode each
+input in its own step so that changing one input (or only the seed) does not redo the others: every
+`encode_*` function returns a small bundle that `sample` combines. With the same inputs `sample` gives
+exactly the frames of `pipeline.generate`.
+
+The emotion can be encoded before the video length is known: `encode_emotion` runs the text encoder on
+every prompt of the timeline once, and `EmotionInput.conditioning` lays the stored embeddings out over
+the frames later (the library's `build_emotion_conditioning` does both, fed from a lookup table).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .emotion import EmotionConditioning, EmotionKey, build_emotion_conditioning, parse_emotion_timeline
+from .preprocess.audio import DEFAULT_FPS as FPS
+from .preprocess.audio import AudioClip
+from .preprocess.audio_features import AudioFeatures, extract_audio_features
+from .preprocess.face import FaceConditioning, prepare_face
+from .sampling import Progress, SamplingSettings, VideoConditioning, generate_frames
+
+if TYPE_CHECKING:
+    from .pipeline import EmoCASTModels
+
+log = logging.getLogger("emocast_core.conditioning")
+
+# The torch modules of EmoCASTModels that can change device (the face analyzer is ONNX Runtime).
+MOVABLE_PARTS = ("net", "vae", "text_encoder", "audio_encoder")
+
+__all__ = ["AudioInput", "EmotionInput", "FaceInput", "GenerationResult", "MOVABLE_PARTS", "PromptTable",
+           "encode_audio", "encode_emotion", "encode_face", "move_models", "parameter_bytes", "sample",
+           "trim_audio", "video_conditioning"]
+
+
+@dataclass
+class GenerationResult:
+    frames: torch.Tensor  # (T, 3, H, W) float32 in [0, 1]
+    audio: AudioClip  # the input speech cut to exactly T / fps seconds
+    fps: int
+    face: FaceConditioning
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+
+def trim_audio(audio: AudioClip, num_frames: int, fps: int = FPS) -> AudioClip:
+    """The speech cut (or zero-padded) to exactly num_frames / fps seconds."""
+    samples = round(num_frames * audio.sample_rate / fps)
+    wave = audio.waveform[:, :samples]
+    if wave.shape[1] < samples:
+        wave = torch.nn.functional.pad(wave, (0, samples - wave.shape[1]))
+    return AudioClip(wave.contiguous(), audio.sample_rate)
+
+
+@dataclass(frozen=True)
+class FaceInput:
+    """The portrait's conditioning plus the size of the image it came from (for pasting the face back)."""
+
+    conditioning: FaceConditioning
+    image_size: tuple[int, int]  # (width, height) of the original portrait
+
+    @property
+    def size(self) -> int:
+        """Side of the square frames generated from this face."""
+        return int(self.conditioning.reference.shape[-1])
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """The speech as given (kept for the output track) and its wav2vec2 features padded to whole clips."""
+
+    clip: AudioClip
+    features: AudioFeatures
+
+    @property
+    def num_frames(self) -> int:
+        return self.features.num_frames
+
+    @property
+    def clip_length(self) -> int:
+        return self.features.clip_length
+
+
+class PromptTable:
+    """A `PromptEncoder` over embeddings computed earlier; asking for any other prompt is an error."""
+
+    def __init__(self, embeddings: Mapping[str, torch.Tensor]) -> None:
+        self._embeddings = embeddings
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self._embeddings]
+        if missing:
+            raise KeyError(f"prompt(s) {missing} were not encoded by encode_emotion; encode the emotion text again")
+        return torch.cat([self._embeddings[p] for p in prompts])
+
+
+class _RecordingEncoder:
+    """Wraps the text encoder and keeps every embedding it produces (on the CPU, where bundles live)."""
+
+    def __init__(self, encoder: object) -> None:
+        self._encoder = encoder
+        self.embeddings: dict[str, torch.Tensor] = {}
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        out = self._encoder.encode(prompts)
+        for prompt, row in zip(prompts, out):
+            self.embeddings[prompt] = row[None].detach().cpu()
+        return out
+
+
+@dataclass(frozen=True)
+class EmotionInput:
+    """An emotion prompt or timeline with the text embeddings of every prompt it needs."""
+
+    text: str
+    keys: tuple[EmotionKey, ...]
+    crossfade: float
+    strength: float
+    embeddings: Mapping[str, torch.Tensor]
+
+    def conditioning(self, num_frames: int, fps: float = FPS) -> EmotionConditioning:
+        """The per-frame emotion of a video of `num_frames` frames (no text encoder needed)."""
+        return build_emotion_conditioning(PromptTable(self.embeddings), self.text, num_frames, fps=fps,
+                                          crossfade=self.crossfade, strength=self.strength)
+
+
+def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop: bool = True) -> FaceInput:
+    """Portrait (H, W, 3) RGB uint8 -> face conditioning at `size` x `size` (see `prepare_face`)."""
+    if size % models.image_size_multiple or size < models.image_size_multiple:
+        raise ValueError(f"size must be a positive multiple of {models.image_size_multiple} (got {size})")
+    face = prepare_face(image, models.face_analyzer, size=size, crop=crop)
+    height, width = image.shape[:2]
+    return FaceInput(face, (int(width), int(height)))
+
+
+def encode_audio(models: EmoCASTModels, clip: AudioClip, clip_length: int = 16,
+                 separate_vocals: bool = True) -> AudioInput:
+    """Speech -> (vocals, when the models have a separator and `separate_vocals`) -> wav2vec2 features
+    padded to whole clips of `clip_length` frames (the sampler's clip)."""
+    separator = models.separator if separate_vocals else None
+    features = extract_audio_features(clip, models.audio_encoder, clip_length, separator=separator, fps=FPS)
+    return AudioInput(clip, features)
+
+
+def encode_emotion(models: EmoCASTModels, text: str, crossfade: float = 0.5, strength: float = 1.0) -> EmotionInput:
+    """Parse and check the prompt / timeline and encode each prompt it uses, once.
+
+    The check is a real `build_emotion_conditioning` call on a one-frame video, so a bad timeline, a
+    prompt longer than CLIP's 77 tokens or a bad crossfade / strength is reported here, not at sampling.
+    """
+    recorder = _RecordingEncoder(models.text_encoder)
+    build_emotion_conditioning(recorder, text, 1, fps=FPS, crossfade=crossfade, strength=strength)
+    keys = tuple(parse_emotion_timeline(text))
+    return EmotionInput(text, keys, float(crossfade), float(strength), MappingProxyType(recorder.embeddings))
+
+
+def video_conditioning(models: EmoCASTModels, face: FaceInput, audio: AudioInput,
+                       emotion: EmotionInput) -> VideoConditioning:
+    """The sampler's input, assembled as `pipeline.prepare` assembles it."""
+    f = face.conditioning
+    return VideoConditioning(
+        reference=f.reference, face_region=f.face_region, identity=f.identity,
+        masks=[f.masks.full, f.masks.face, f.masks.lip],
+        audio_windows=audio.features.windows(models.net.config.audio_projection.window),
+        num_frames=audio.num_frames, emotion=emotion.conditioning(audio.num_frames))
+
+
+def sample(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
+           settings: SamplingSettings, progress: Callable[[Progress], None] | None = None,
+           cancel: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate the video frames and the speech cut to them (see `pipeline.generate`)."""
+    check_clip_length(audio, settings)
+    cond = video_conditioning(models, face, audio, emotion)
+    log_start(models, cond, settings, face.size)
+    frames = generate_frames(models.net, models.vae, models.scheduler, cond, settings, device=models.device,
+                             dtype=models.dtype, progress=progress, cancel=cancel)
+    return GenerationResult(frames, trim_audio(audio.clip, frames.shape[0]), FPS, face.conditioning)
+
+
+def check_clip_length(audio: AudioInput, settings: SamplingSettings) -> None:
+    if settings.clip_length != audio.clip_length:
+        raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
+                         f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
+                         f"{settings.clip_length}")
+
+
+def log_start(models: EmoCASTModels, cond: VideoConditioning, settings: SamplingSettings, size: int) -> None:
+    log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s", cond.num_frames,
+             cond.audio_windows.shape[0] // settings.clip_length, settings.clip_length, size, size,
+             settings.steps, settings.cfg, str(models.dtype).removeprefix("torch."), models.device)
+
+
+def _modules(models: EmoCASTModels, parts: Iterable[str]) -> list[torch.nn.Module]:
+    unknown = set(parts) - set(MOVABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown model part(s) {sorted(unknown)}; choose from {', '.join(MOVABLE_PARTS)}")
+    table = {"net": models.net, "vae": models.vae, "text_encoder": models.text_encoder.text_model,
+             "audio_encoder": models.audio_encoder.model}
+    return [table[p] for p in parts]
+
+
+def move_models(models: EmoCASTModels, device: str | torch.device, parts: Iterable[str] = MOVABLE_PARTS) -> None:
+    """Move the named torch modules (weights only; dtypes unchanged), e.g. to the CPU between runs.
+
+    `models.device` stays the compute device: move the parts back there before using them."""
+    for module in _modules(models, parts):
+        module.to(device)
+
+
+def parameter_bytes(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> int:
+    """Memory taken by the weights and buffers of the named parts."""
+    return sum(t.numel() * t.element_size() for m in _modules(models, parts)
+               for t in (*m.parameters(), *m.buffers()))

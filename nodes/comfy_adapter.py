@@ -1,0 +1,123 @@
+"""The one place that talks to ComfyUI: model folders, progress, interruption, device and memory.
+
+ComfyUI's modules (`folder_paths`, `comfy.utils`, `comfy.model_management`) are imported when a function
+needs them, never at import time, and every function has a plain fallback for running without ComfyUI
+(the tests, scripts): no registered folders, no progress bar, never interrupted, torch's own devices.
+
+Model folders: ComfyUI's `models/emocast/` (registered here under the key ``emocast``, so
+`extra_model_paths.yaml` can add more locations under that key) plus every folder listed in the
+``EMOCAST_MODELS_DIR`` environment variable (``os.pathsep``-separated; the only source without ComfyUI).
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("emocast.nodes")
+
+MODEL_FOLDER_KEY = "emocast"
+MODELS_DIR_ENV = "EMOCAST_MODELS_DIR"
+
+
+def _comfy_module(name: str) -> ModuleType | None:
+    """A ComfyUI module, or None when ComfyUI is not running (only a missing module counts as absent)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
+            return None
+        raise
+
+
+def comfy_present() -> bool:
+    return _comfy_module("folder_paths") is not None
+
+
+def register_model_folder() -> Path | None:
+    """Register `<ComfyUI models>/emocast` under the `emocast` key; returns it (None without ComfyUI)."""
+    folder_paths = _comfy_module("folder_paths")
+    if folder_paths is None:
+        return None
+    folder = Path(folder_paths.models_dir) / MODEL_FOLDER_KEY
+    registered = folder_paths.folder_names_and_paths.get(MODEL_FOLDER_KEY, ([], set()))[0]
+    if str(folder) not in registered:  # older ComfyUI appends duplicates
+        folder_paths.add_model_folder_path(MODEL_FOLDER_KEY, str(folder))
+    return folder
+
+
+def model_roots() -> list[Path]:
+    """Every folder searched for EmoCAST models, in priority order (existing or not)."""
+    roots: list[Path] = []
+    folder_paths = _comfy_module("folder_paths")
+    if folder_paths is not None and MODEL_FOLDER_KEY in folder_paths.folder_names_and_paths:
+        roots += [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER_KEY)]
+    roots += [Path(p).expanduser() for p in os.environ.get(MODELS_DIR_ENV, "").split(os.pathsep) if p.strip()]
+    unique: list[Path] = []
+    for root in roots:
+        if root not in unique:
+            unique.append(root)
+    return unique
+
+
+def make_progress(total: int) -> Callable[[int], None]:
+    """A callback taking the number of steps done so far (ComfyUI's progress bar on the running node)."""
+    utils = _comfy_module("comfy.utils")
+    if utils is None:
+        return lambda done: None
+    bar = utils.ProgressBar(total)
+    return lambda done: bar.update_absolute(done, total)
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel in ComfyUI (never without ComfyUI)."""
+    mm = _comfy_module("comfy.model_management")
+    return bool(mm is not None and mm.processing_interrupted())
+
+
+def raise_cancelled(error: BaseException) -> NoReturn:
+    """Re-raise a library cancellation the way the host expects: ComfyUI's interrupt (no error dialog)."""
+    mm = _comfy_module("comfy.model_management")
+    if mm is not None:
+        raise mm.InterruptProcessingException() from error
+    raise error
+
+
+def compute_device() -> "torch.device | None":
+    """ComfyUI's compute device (respects --cpu etc.); None without ComfyUI (the library then picks)."""
+    mm = _comfy_module("comfy.model_management")
+    return None if mm is None else mm.get_torch_device()
+
+
+def make_room(num_bytes: int, device: "torch.device") -> None:
+    """Ask ComfyUI to unload its own models until `num_bytes` fit on `device` (no-op on the CPU)."""
+    mm = _comfy_module("comfy.model_management")
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(num_bytes, device)
+
+
+def release_memory() -> None:
+    """Give freed memory back (garbage-collect, then empty the accelerator's cache)."""
+    gc.collect()
+    mm = _comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def output_device() -> Any:
+    """Where node outputs live (ComfyUI's intermediate device: the CPU unless --gpu-only)."""
+    mm = _comfy_module("comfy.model_management")
+    return "cpu" if mm is None else mm.intermediate_device()

@@ -1,0 +1,133 @@
+"""Face, emotion and audio nodes: each encodes one input for the sampler (cached by ComfyUI on its own)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import comfy_adapter
+
+if TYPE_CHECKING:
+    from ..emocast_core.conditioning import AudioInput, EmotionInput, FaceInput
+    from .model_cache import ModelHandle
+
+CATEGORY = "EmoCAST"
+MODEL_TOOLTIP = "The models from the 'EmoCAST Load Models' node."
+
+
+class EmoCASTFace:
+    DESCRIPTION = ("Detects the largest face in the portrait (insightface), takes a square crop around it and "
+                   "builds the face conditioning: reference image, identity embedding, face box and the face / "
+                   "lip attention masks. The previews show what the model will see.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("EMOCAST_FACE", "IMAGE", "MASK", "MASK", "MASK")
+    RETURN_NAMES = ("face", "crop", "face_mask", "lip_mask", "attention_masks")
+    OUTPUT_TOOLTIPS = (
+        "Face conditioning for the Sampler (and the crop box for the Paste Back node).",
+        "The reference image the video starts from (size x size).",
+        "The face box given to the FaceLocator (1 inside).",
+        "The lip box (1 inside).",
+        "The attention masks of the emotive audio attention, upsampled: pose (background), face without lips, lips.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("EMOCAST_MODEL", {"tooltip": MODEL_TOOLTIP}),
+            "image": ("IMAGE", {"tooltip": "One portrait with a clearly visible face (any size; 512 px or more "
+                                           "around the face is best)."}),
+            "size": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64,
+                             "tooltip": "Side of the generated square video in pixels (a multiple of 64; the "
+                                        "model was trained at 512)."}),
+            "crop": ("BOOLEAN", {"default": True, "label_on": "crop around the face", "label_off": "whole image",
+                                 "tooltip": "Crop a square around the face (any photo works). Off: the whole "
+                                            "image is squashed to a square, as the original code does (for "
+                                            "square, face-centred portraits)."}),
+        }}
+
+    def encode(self, model: "ModelHandle", image: Any, size: int = 512, crop: bool = True) -> tuple[Any, ...]:
+        import torch
+
+        from ..emocast_core.conditioning import encode_face
+        from . import tensors
+
+        portrait = tensors.image_to_portrait(image, "the portrait")
+        with model.use() as models:
+            face = encode_face(models, portrait, size=int(size), crop=bool(crop))
+        f = face.conditioning
+        out = comfy_adapter.output_device()
+        crop_image = tensors.frames_to_image((f.reference[None] + 1) / 2, out).clamp(0, 1)
+        attention = [tensors.level_mask(levels[0], face.size) for levels in (f.masks.full, f.masks.face, f.masks.lip)]
+        return (face, crop_image, f.face_region[:1].to(out), tensors.rect_mask(f.lip_rect, face.size).to(out),
+                torch.cat(attention).to(out))
+
+
+class EmoCASTEmotion:
+    DESCRIPTION = ("Encodes the emotion text with CLIP. Either one prompt ('a person talking happily') or a "
+                   "timeline of '<seconds>: <prompt>' parts separated by '|' or new lines ('0: calm | 4.0: "
+                   "furious'); each change blends over 'crossfade' seconds.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("EMOCAST_EMOTION",)
+    RETURN_NAMES = ("emotion",)
+    OUTPUT_TOOLTIPS = ("The encoded emotion for the Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("EMOCAST_MODEL", {"tooltip": MODEL_TOOLTIP}),
+            "text": ("STRING", {"default": "a person talking", "multiline": True, "dynamicPrompts": False,
+                                "placeholder": "a person talking happily\n(or a timeline)\n0: calm | 4.0: furious",
+                                "tooltip": "An emotion prompt, or a timeline '<seconds>: <prompt>' separated by "
+                                           "'|' or new lines, times increasing from 0. At most 77 CLIP tokens "
+                                           "per prompt."}),
+            "crossfade": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                                    "tooltip": "Seconds over which each timeline change blends into the next "
+                                               "emotion (0: hard cut)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
+                                   "tooltip": "Experimental: scales the emotion away from a neutral text (0: "
+                                              "neutral, 1: as trained, above 1: exaggerated)."}),
+        }}
+
+    def encode(self, model: "ModelHandle", text: str, crossfade: float = 0.5,
+               strength: float = 1.0) -> tuple["EmotionInput"]:
+        from ..emocast_core.conditioning import encode_emotion
+
+        with model.use("text_encoder") as models:
+            return (encode_emotion(models, text, crossfade=float(crossfade), strength=float(strength)),)
+
+
+class EmoCASTAudio:
+    DESCRIPTION = ("Turns the speech into wav2vec2 features at the video frame rate (25 fps); the video lasts as "
+                   "long as the audio. The vocals are separated first when the model folder has a separator; "
+                   "mixed to mono and resampled to 16 kHz internally. The Sampler outputs the original audio "
+                   "cut to the video.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("EMOCAST_AUDIO",)
+    RETURN_NAMES = ("audio_features",)
+    OUTPUT_TOOLTIPS = ("The speech features (and the speech itself) for the Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("EMOCAST_MODEL", {"tooltip": MODEL_TOOLTIP}),
+            "audio": ("AUDIO", {"tooltip": "The speech (e.g. from Load Audio): any length, rate and channels."}),
+            "clip_length": ("INT", {"default": 16, "min": 4, "max": 30, "step": 1,
+                                    "tooltip": "Frames generated together; the model was trained with 16. The "
+                                               "features are padded to whole clips, so the Sampler uses this "
+                                               "value."}),
+            "separate_vocals": ("BOOLEAN", {"default": True, "label_on": "separate vocals",
+                                            "label_off": "audio as given",
+                                            "tooltip": "Remove music and noise with the vocal separator in the "
+                                                       "model folder's separator/ (Kim_Vocal_2.onnx) first, as "
+                                                       "released. Without that model the audio is used as given."}),
+        }}
+
+    def encode(self, model: "ModelHandle", audio: Any, clip_length: int = 16,
+               separate_vocals: bool = True) -> tuple["AudioInput"]:
+        from ..emocast_core.conditioning import encode_audio
+        from . import tensors
+
+        clip = tensors.audio_to_clip(audio, "the speech")
+        with model.use("audio_encoder") as models:
+            return (encode_audio(models, clip, clip_length=int(clip_length), separate_vocals=bool(separate_vocals)),)

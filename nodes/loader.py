@@ -1,0 +1,120 @@
+"""Model loader and unload nodes, and the listing of model files for the loader's dropdown."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..emocast_core.model_paths import NET_FILES
+from . import comfy_adapter
+from .model_cache import MODEL_CACHE, LoadSpec, ModelHandle
+
+CATEGORY = "EmoCAST"
+NET_SUFFIXES = (".safetensors", ".pth", ".pt")
+NO_MODELS = "no EmoCAST models found (see the node's description)"
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+DEVICES = ["auto", "cpu", "cuda"]
+
+LAYOUT = ("models/emocast/ (or a sub-folder of it, one per model variant) holding emocast.safetensors or net.pth, "
+          "config.json (optional), vae/, clip/, wav2vec2/ and face_analysis/ (see the README's model table)")
+
+
+def _is_network_file(path: Path) -> bool:
+    """A known network file name, or any weights file that has the rest of a model folder (vae/) beside it."""
+    if not path.is_file():
+        return False
+    return path.name in NET_FILES or (path.suffix in NET_SUFFIXES and (path.parent / "vae").is_dir())
+
+
+def list_network_files(roots: list[Path]) -> list[str]:
+    """Network files directly in a root or in a direct sub-folder, as '/'-separated paths relative to it."""
+    found: list[str] = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+        for folder in folders:
+            for path in sorted(folder.iterdir()):
+                name = path.relative_to(root).as_posix()
+                if name not in found and _is_network_file(path):
+                    found.append(name)
+    return found
+
+
+def model_choices() -> list[str]:
+    return list_network_files(comfy_adapter.model_roots()) or [NO_MODELS]
+
+
+def resolve_choice(choice: str) -> Path:
+    """The network file a dropdown entry names (first root that has it), or a helpful error."""
+    roots = comfy_adapter.model_roots()
+    where = ", ".join(str(r) for r in roots) or \
+        f"nowhere (ComfyUI is not running and ${comfy_adapter.MODELS_DIR_ENV} is unset)"
+    if Path(choice).is_absolute() or ".." in Path(choice).parts:
+        raise ValueError(f"model {choice!r} must be a file name from the list, relative to a model folder")
+    if choice != NO_MODELS:
+        for root in roots:
+            if _is_network_file(root / choice):
+                return root / choice
+        raise FileNotFoundError(f"EmoCAST model {choice!r} is not in any model folder (searched {where}); refresh "
+                                "the page (R) to update the list")
+    raise FileNotFoundError(f"no EmoCAST model found: searched {where}. Put the model files in {LAYOUT}, then "
+                            "refresh the page (R)")
+
+
+class EmoCASTLoader:
+    DESCRIPTION = (
+        "Loads the EmoCAST networks, VAE, CLIP text encoder, wav2vec2 and insightface face models from one "
+        f"model folder: {LAYOUT}. More locations: add an 'emocast' entry to extra_model_paths.yaml or set "
+        f"${comfy_adapter.MODELS_DIR_ENV}. Loaded models are kept between runs (one model at a time) until the "
+        "'EmoCAST Unload Models' node frees them.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("EMOCAST_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded EmoCAST models; connect to the Face, Emotion, Audio and Sampler nodes.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": (model_choices(), {"tooltip": "The network file (emocast.safetensors or net.pth); the vae/, "
+                                                   "clip/, wav2vec2/ and face_analysis/ folders beside it are "
+                                                   "loaded with it."}),
+            "precision": (PRECISIONS, {"default": "auto", "tooltip": "auto: fp16 on a GPU (as released), fp32 on "
+                                                                     "the CPU. bf16 needs a recent GPU."}),
+            "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's compute device (--cpu is "
+                                                               "honoured)."}),
+            "offload": ("BOOLEAN", {"default": False, "label_on": "offload to CPU", "label_off": "keep on device",
+                                    "tooltip": "Low memory: keep the weights in CPU RAM and move each part to the "
+                                               "device only while it runs (slower)."}),
+        }}
+
+    def load(self, model: str, precision: str = "auto", device: str = "auto",
+             offload: bool = False) -> tuple[ModelHandle]:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        handle = ModelHandle(LoadSpec(resolve_choice(model).resolve(), precision, device, bool(offload)), MODEL_CACHE)
+        handle.models()  # load now, so that file errors show on this node
+        return (handle,)
+
+
+class EmoCASTUnloadModels:
+    DESCRIPTION = ("Frees the loaded EmoCAST models (GPU and CPU memory) once the frames have passed through; "
+                   "the next run loads them again. Put it between the Sampler and the video node.")
+    CATEGORY = CATEGORY
+    FUNCTION = "unload"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The frames, unchanged.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "frames": ("IMAGE", {"tooltip": "Any IMAGE (normally the Sampler's frames): the models are freed once "
+                                            "it has been computed, and it is passed on unchanged."}),
+        }}
+
+    def unload(self, frames: Any) -> tuple[Any]:
+        MODEL_CACHE.release()
+        return (frames,)

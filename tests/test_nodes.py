@@ -1,0 +1,512 @@
+"""The ComfyUI nodes, loaded the way ComfyUI loads a pack (by file path, as a package), without ComfyUI.
+
+The nodes run on tiny models written in the real formats; the loader finds them through the
+EMOCAST_MODELS_DIR environment variable. ComfyUI's hooks (folder registration, progress bar, Cancel) are
+exercised with stand-in `folder_paths` / `comfy.*` modules.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "emocast_pack"
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
+
+
+def load_pack(name: str = PACK) -> types.ModuleType:
+    """Import the repository root as a package from its file path, as ComfyUI's custom-node loader does."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = load_pack()
+adapter = sys.modules[f"{PACK}.nodes.comfy_adapter"]
+model_cache = sys.modules[f"{PACK}.nodes.model_cache"]
+loader_mod = sys.modules[f"{PACK}.nodes.loader"]
+NODES = pack.NODE_CLASS_MAPPINGS
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def node(name: str):
+    return NODES[name]()
+
+
+# ---- import and metadata ---------------------------------------------------------------------------------
+
+def test_importing_the_pack_is_cheap():
+    """A fresh interpreter imports the pack and builds every INPUT_TYPES without torch, numpy or the network."""
+    script = f"""
+import importlib.util, json, socket, sys
+def no_network(*args, **kwargs):
+    raise RuntimeError("network access during import")
+socket.socket.connect = no_network
+socket.create_connection = no_network
+spec = importlib.util.spec_from_file_location("pack", {str(ROOT / '__init__.py')!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec); sys.modules["pack"] = pack; spec.loader.exec_module(pack)
+infos = {{k: list(c.INPUT_TYPES()["required"]) for k, c in pack.NODE_CLASS_MAPPINGS.items()}}
+heavy = [m for m in ("torch", "numpy", "diffusers", "transformers", "insightface", "onnxruntime", "cv2")
+         if m in sys.modules]
+print(json.dumps({{"nodes": infos, "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "EMOCAST_MODELS_DIR": ""})
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    assert set(report["nodes"]) == set(NODES)
+    assert report["nodes"]["EmoCASTSampler"][:4] == ["model", "face", "audio_features", "emotion"]
+
+
+def test_node_metadata():
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
+    assert len(NODES) >= 6
+    for node_id, cls in NODES.items():
+        assert node_id.startswith("EmoCAST"), node_id
+        assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("EmoCAST ")
+        assert cls.CATEGORY.split("/")[0] == "EmoCAST"
+        assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+        for t in cls.RETURN_TYPES:
+            assert t in ("IMAGE", "MASK", "AUDIO", "FLOAT") or t.startswith("EMOCAST_"), (node_id, t)
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}
+        inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+        for name, (kind, options) in inputs.items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            assert isinstance(kind, list) or kind in WIDGET_TYPES or kind in ("IMAGE", "AUDIO") \
+                or kind.startswith("EMOCAST_"), (node_id, name, kind)
+            if "default" in options and isinstance(kind, list):
+                assert options["default"] in kind
+            if "default" in options and kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], (node_id, name)
+        # the function takes exactly the declared inputs, by name
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        assert list(params)[1:] == list(inputs), node_id
+
+
+def test_sampler_defaults_and_outputs_fit_create_video(reference_dir):
+    required = NODES["EmoCASTSampler"].INPUT_TYPES()["required"]
+    defaults = {k: v[1].get("default") for k, v in required.items()}
+    assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (40, 3.5, 42)
+    assert defaults["pose_weight"] == defaults["face_weight"] == defaults["lip_weight"] == 1.0
+    assert NODES["EmoCASTAudio"].INPUT_TYPES()["required"]["clip_length"][1]["default"] == 16
+    core = json.loads((reference_dir.parent / "comfyui" / "object_info_core.json").read_text())["CreateVideo"]
+    create_inputs = {**core["input"]["required"], **core["input"]["optional"]}
+    sampler = NODES["EmoCASTSampler"]
+    outputs = dict(zip(sampler.RETURN_NAMES, sampler.RETURN_TYPES))
+    assert outputs["frames"] == create_inputs["images"][0]
+    assert outputs["audio"] == create_inputs["audio"][0]
+    assert outputs["fps"] == create_inputs["fps"][0]
+    assert create_inputs["fps"][1]["min"] <= 25 <= create_inputs["fps"][1]["max"]
+
+
+# ---- model folders ---------------------------------------------------------------------------------------
+
+def _fake_model_folder(folder: Path, net: str = "emocast.safetensors") -> Path:
+    (folder / "vae").mkdir(parents=True, exist_ok=True)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (folder / net).write_bytes(b"x")
+    return folder / net
+
+
+def test_model_listing(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_model_folder(a)
+    _fake_model_folder(a / "variant", "my_finetune.safetensors")
+    (a / "loose").mkdir()
+    (a / "loose" / "notes.safetensors").write_bytes(b"x")  # no vae/ beside it: not a model
+    (a / "loose" / "net.pth").write_bytes(b"x")  # a known network name is listed (errors explain the rest)
+    _fake_model_folder(b)  # same relative name as in a: a wins
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, os.pathsep.join(map(str, (a, tmp_path / "missing", b))))
+    choices = NODES["EmoCASTLoader"].INPUT_TYPES()["required"]["model"][0]
+    assert choices == ["emocast.safetensors", "loose/net.pth", "variant/my_finetune.safetensors"]
+    assert loader_mod.resolve_choice("variant/my_finetune.safetensors") == a / "variant" / "my_finetune.safetensors"
+    with pytest.raises(FileNotFoundError, match="not in any model folder"):
+        loader_mod.resolve_choice("gone.safetensors")
+    with pytest.raises(ValueError, match="relative to a model folder"):
+        loader_mod.resolve_choice("../b/emocast.safetensors")
+    # a listed file whose folder lacks the other models: the library names every missing part
+    with pytest.raises(FileNotFoundError, match="wav2vec2"):
+        node("EmoCASTLoader").load("loose/net.pth", "fp32", "cpu", False)
+
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path / "empty"))
+    choices = NODES["EmoCASTLoader"].INPUT_TYPES()["required"]["model"][0]
+    assert choices == [loader_mod.NO_MODELS]
+    with pytest.raises(FileNotFoundError, match="models/emocast") as err:
+        node("EmoCASTLoader").load(loader_mod.NO_MODELS, "auto", "auto", False)
+    assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_loader_rejects_bad_options(tmp_path, monkeypatch):
+    _fake_model_folder(tmp_path)
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, fp16, bf16"):
+        node("EmoCASTLoader").load("emocast.safetensors", "fp8", "cpu", False)
+    with pytest.raises(ValueError, match="device must be one of"):
+        node("EmoCASTLoader").load("emocast.safetensors", "fp32", "tpu", False)
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    """Stand-ins for the ComfyUI modules the adapter uses, recording what the pack does with them."""
+    calls: dict[str, list] = {"progress": [], "free_memory": [], "soft_empty_cache": []}
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.models_dir = str(tmp_path / "models")
+    folder_paths.folder_names_and_paths = {}
+
+    def add_model_folder_path(key, path, is_default=False):
+        folder_paths.folder_names_and_paths.setdefault(key, ([], set()))[0].append(path)
+
+    folder_paths.add_model_folder_path = add_model_folder_path
+    folder_paths.get_folder_paths = lambda key: list(folder_paths.folder_names_and_paths[key][0])
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls["progress"].append((value, total))
+
+    state = {"interrupt_after": None}
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.processing_interrupted = lambda: state["interrupt_after"] is not None and \
+        len(calls["progress"]) >= state["interrupt_after"]
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.free_memory = lambda n, device: calls["free_memory"].append((n, device))
+    mm.soft_empty_cache = lambda force=False: calls["soft_empty_cache"].append(force)
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, utils
+    for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
+                         "comfy.utils": utils}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(folder_paths=folder_paths, mm=mm, calls=calls, state=state)
+
+
+def test_registers_the_emocast_model_folder(fake_comfy, tmp_path, monkeypatch):
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path / "extra"))
+    assert adapter.comfy_present()
+    folder = adapter.register_model_folder()
+    adapter.register_model_folder()  # a second import must not add it twice
+    assert folder == tmp_path / "models" / "emocast"
+    assert fake_comfy.folder_paths.folder_names_and_paths["emocast"][0] == [str(folder)]
+    assert adapter.model_roots() == [folder, tmp_path / "extra"]
+    _fake_model_folder(folder)
+    assert NODES["EmoCASTLoader"].INPUT_TYPES()["required"]["model"][0] == ["emocast.safetensors"]
+
+
+def test_without_comfyui_the_adapter_falls_back():
+    assert not adapter.comfy_present()
+    assert adapter.register_model_folder() is None
+    update = adapter.make_progress(5)
+    update(3)  # a no-op, but callable
+    assert adapter.interrupted() is False
+    assert adapter.compute_device() is None
+    assert adapter.output_device() == "cpu"
+    err = RuntimeError("stop")
+    with pytest.raises(RuntimeError, match="stop"):
+        adapter.raise_cancelled(err)
+
+
+def test_model_cache_keys_capacity_and_release():
+    loads = []
+
+    def fake_load(spec):
+        loads.append(spec)
+        return object()
+
+    cache = model_cache.ModelCache(capacity=1, loader=fake_load)
+    fp32 = model_cache.LoadSpec(Path("/m/emocast.safetensors"), "fp32", "cpu")
+    fp16 = model_cache.LoadSpec(Path("/m/emocast.safetensors"), "fp16", "cpu")
+    first = cache.get(fp32)
+    assert cache.get(fp32) is first and loads == [fp32]
+    cache.get(fp16)  # another precision is another model; capacity 1 drops the fp32 one first
+    assert loads == [fp32, fp16] and fp32 not in cache and fp16 in cache
+    assert cache.release() == 1 and len(cache) == 0
+    handle = model_cache.ModelHandle(fp16, cache)
+    assert handle.models() is not first and loads == [fp32, fp16, fp16]  # loaded again after a release
+    with pytest.raises(ValueError, match="capacity"):
+        model_cache.ModelCache(capacity=0)
+
+
+def test_offloaded_models_visit_the_device_only_while_used(monkeypatch):
+    conditioning = importlib.import_module(f"{PACK}.emocast_core.conditioning")
+    moves, room = [], []
+    monkeypatch.setattr(conditioning, "move_models", lambda models, device, parts: moves.append((str(device), parts)))
+    monkeypatch.setattr(conditioning, "parameter_bytes", lambda models, parts: 1000 * len(parts))
+    monkeypatch.setattr(adapter, "make_room", lambda n, device: room.append((n, str(device))))
+    gpu_models = types.SimpleNamespace(device=torch.device("cuda"))
+    cache = model_cache.ModelCache(loader=lambda spec: gpu_models)
+    handle = model_cache.ModelHandle(model_cache.LoadSpec(Path("/m/x.safetensors"), offload=True), cache)
+    with handle.use("net", "vae") as models:
+        assert models is gpu_models and moves == [("cuda", ("net", "vae"))]
+    assert moves[-1] == ("cpu", ("net", "vae")) and room == [(2000, "cuda")]
+    with pytest.raises(KeyError):
+        with handle.use("text_encoder"):
+            raise KeyError("boom")
+    assert moves[-1] == ("cpu", ("text_encoder",))  # moved back even when the node fails
+    resident = model_cache.ModelHandle(model_cache.LoadSpec(Path("/m/x.safetensors"), offload=False), cache)
+    moves.clear()
+    with resident.use("net"):
+        pass
+    assert moves == []
+
+
+# ---- the nodes on tiny models ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    from emocast_pack.emocast_core.testing.tiny_models import write_tiny_models
+
+    root = tmp_path_factory.mktemp("comfy_models")
+    write_tiny_models(root / "tiny", separator=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(adapter.MODELS_DIR_ENV, str(root))
+        yield root
+    model_cache.MODEL_CACHE.release()
+
+
+@pytest.fixture(scope="module")
+def handle(models_root):
+    return node("EmoCASTLoader").load("tiny/emocast.safetensors", "fp32", "cpu", False)[0]
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    return torch.from_numpy(skdata.astronaut()).float()[None] / 255  # IMAGE [1, 512, 512, 3]
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """About half a second of real speech at 44.1 kHz stereo: 13 frames, two clips of 8."""
+    from emocast_pack.emocast_core.testing.speech import synthesize_speech
+
+    wave = torch.from_numpy(synthesize_speech("Hello there.", sample_rate=44100))[: 22050]
+    stereo = torch.stack([wave, 0.5 * wave])
+    return {"waveform": stereo[None], "sample_rate": 44100}
+
+
+@pytest.fixture(scope="module")
+def encoded(handle, portrait, speech):
+    from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE
+
+    face_out = node("EmoCASTFace").encode(handle, portrait, TINY_SIZE, True)
+    (emotion,) = node("EmoCASTEmotion").encode(handle, "0: calm | 0.3: furious", 0.1, 1.0)
+    (audio,) = node("EmoCASTAudio").encode(handle, speech, 8)
+    return types.SimpleNamespace(face_out=face_out, face=face_out[0], emotion=emotion, audio=audio)
+
+
+def test_loader_caches_by_path_precision_device(handle, models_root):
+    models = handle.models()
+    assert models.device.type == "cpu" and models.dtype == torch.float32
+    assert handle.spec.net == (models_root / "tiny" / "emocast.safetensors").resolve()
+    again = node("EmoCASTLoader").load("tiny/emocast.safetensors", "fp32", "cpu", False)[0]
+    assert again == handle and again.models() is models  # same spec: nothing loaded twice
+
+
+def test_face_node(encoded, portrait, handle):
+    from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE
+
+    face, crop, face_mask, lip_mask, attention = encoded.face_out
+    cond = face.conditioning
+    assert face.image_size == (512, 512) and face.size == TINY_SIZE
+    assert crop.shape == (1, TINY_SIZE, TINY_SIZE, 3) and crop.dtype == torch.float32
+    torch.testing.assert_close(crop[0].permute(2, 0, 1), (cond.reference + 1) / 2)
+    assert 0 <= crop.min() and crop.max() <= 1 and crop.std() > 0.05
+    assert face_mask.shape == lip_mask.shape == (1, TINY_SIZE, TINY_SIZE)
+    assert torch.equal(face_mask, cond.face_region[:1])  # the FaceLocator's input (edges resampled)
+    assert face_mask.min() == 0 and face_mask.max() == 1
+    assert set(lip_mask.unique().tolist()) == {0.0, 1.0}
+    x0, y0, x1, y1 = cond.lip_rect
+    assert lip_mask[0, y0:y1, x0:x1].min() == 1 and lip_mask.sum() == (x1 - x0) * (y1 - y0)
+    assert (face_mask * lip_mask).sum() > 0.5 * lip_mask.sum()  # the lips are inside the face box
+    assert attention.shape == (3, TINY_SIZE, TINY_SIZE)
+    assert 0 <= attention.min() and attention.max() <= 1
+    # lip attention peaks on the lips, the pose (background) mask away from the face
+    assert attention[2][lip_mask[0] > 0].mean() > attention[2][lip_mask[0] == 0].mean() + 0.2
+    assert attention[0][face_mask[0] > 0].mean() < attention[0][face_mask[0] == 0].mean()
+
+    with pytest.raises(ValueError, match="ImageFromBatch"):
+        node("EmoCASTFace").encode(handle, portrait.repeat(2, 1, 1, 1), TINY_SIZE, True)
+    with pytest.raises(ValueError, match="[Nn]o face"):
+        node("EmoCASTFace").encode(handle, torch.full((1, 256, 256, 3), 0.5), TINY_SIZE, True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        node("EmoCASTFace").encode(handle, portrait, 100, True)
+
+
+def test_emotion_node(encoded, handle):
+    from emocast_pack.emocast_core.emotion import build_emotion_conditioning
+
+    emotion = encoded.emotion
+    assert [k.prompt for k in emotion.keys] == ["calm", "furious"] and emotion.crossfade == pytest.approx(0.1)
+    assert set(emotion.embeddings) == {"", "calm", "furious"}
+    # laid out later from the stored embeddings: identical to encoding with the text encoder directly
+    direct = build_emotion_conditioning(handle.models().text_encoder, emotion.text, 13, fps=25, crossfade=0.1)
+    stored = emotion.conditioning(13)
+    assert torch.equal(stored.per_frame, direct.per_frame) and torch.equal(stored.uncond, direct.uncond)
+    assert not torch.equal(stored.per_frame[0], stored.per_frame[-1])  # the timeline changes the emotion
+    (strong,) = node("EmoCASTEmotion").encode(handle, "happy", 0.5, 1.5)
+    assert set(strong.embeddings) == {"", "happy"}  # the neutral text of the strength blend is CLIP("")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        node("EmoCASTEmotion").encode(handle, "0: calm | 0: sad", 0.5, 1.0)
+    with pytest.raises(ValueError, match="77"):
+        node("EmoCASTEmotion").encode(handle, "very " * 80 + "happy", 0.5, 1.0)
+
+
+def test_audio_node(encoded, speech, handle, monkeypatch):
+    audio = encoded.audio
+    assert audio.clip.sample_rate == 44100 and audio.clip.waveform.shape == (2, 22050)
+    assert audio.num_frames == math.ceil(0.5 * 25) == 13
+    assert audio.clip_length == 8 and audio.features.features.shape[0] == 16
+    # the model folder's vocal separator runs first unless switched off
+    separator = handle.models().separator
+    calls = []
+    real = separator.separate
+    monkeypatch.setattr(separator, "separate", lambda clip: calls.append(clip) or real(clip))
+    node("EmoCASTAudio").encode(handle, speech, 8, False)
+    assert calls == []
+    (again,) = node("EmoCASTAudio").encode(handle, speech, 8, True)
+    assert len(calls) == 1 and calls[0].sample_rate == 44100
+    assert torch.equal(again.features.features, audio.features.features)
+    with pytest.raises(ValueError, match="batch of 2"):
+        node("EmoCASTAudio").encode(handle, {"waveform": speech["waveform"].repeat(2, 1, 1),
+                                             "sample_rate": 44100}, 8)
+    with pytest.raises(ValueError, match="silent"):
+        node("EmoCASTAudio").encode(handle, {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, 8)
+    with pytest.raises(ValueError, match="AUDIO dict"):
+        node("EmoCASTAudio").encode(handle, torch.zeros(1, 1, 16000), 8)
+
+
+def test_sampler_outputs_progress_and_parity(encoded, handle, portrait, speech, monkeypatch):
+    from emocast_pack.emocast_core.pipeline import GenerationRequest, generate
+    from emocast_pack.emocast_core.sampling import SamplingSettings
+    from emocast_pack.nodes import tensors
+
+    updates, totals = [], []
+
+    def fake_progress(total):
+        totals.append(total)
+        return updates.append
+
+    monkeypatch.setattr(adapter, "make_progress", fake_progress)
+    frames, audio, fps = node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion,
+                                                       steps=2, cfg=3.5, seed=5, decode_batch=3)
+    n = encoded.audio.num_frames
+    assert frames.shape == (n, encoded.face.size, encoded.face.size, 3) and frames.dtype == torch.float32
+    assert frames.is_contiguous() and 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0.01
+    assert fps == 25.0 and isinstance(fps, float)
+    assert totals == [2 * 2] and updates == [1, 2, 3, 4]  # 2 clips x 2 steps
+    assert audio["sample_rate"] == 44100 and audio["waveform"].shape == (1, 2, round(n / fps * 44100))
+    assert audio["waveform"].shape[-1] / audio["sample_rate"] == pytest.approx(n / fps, abs=1e-12)
+    torch.testing.assert_close(audio["waveform"][0, :, :22050], speech["waveform"][0])  # then zero padding
+
+    # the node graph gives exactly the frames of the one-call pipeline
+    request = GenerationRequest(image=tensors.image_to_portrait(portrait), audio=tensors.audio_to_clip(speech),
+                                emotion="0: calm | 0.3: furious", size=encoded.face.size, crossfade=0.1,
+                                sampling=SamplingSettings(steps=2, cfg=3.5, seed=5, clip_length=8, decode_batch=3))
+    expected = generate(handle.models(), request)
+    assert torch.equal(frames, expected.frames.permute(0, 2, 3, 1))
+
+
+def test_sampler_cancel_without_comfyui(encoded, handle, monkeypatch):
+    from emocast_pack.emocast_core.sampling import GenerationCancelled
+
+    checks = []
+    monkeypatch.setattr(adapter, "interrupted", lambda: checks.append(1) or len(checks) > 1)
+    with pytest.raises(GenerationCancelled):
+        node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion, steps=3)
+    assert len(checks) == 2  # before the first clip, then after step 1
+
+
+def test_sampler_with_comfyui_progress_bar_and_cancel(encoded, handle, fake_comfy):
+    fake_comfy.state["interrupt_after"] = 1  # the user presses Cancel after the first step
+    with pytest.raises(fake_comfy.mm.InterruptProcessingException):
+        node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion, steps=3)
+    assert fake_comfy.calls["progress"] == [(1, 2 * 3)]
+
+
+def test_sampler_rejects_bad_settings(encoded, handle):
+    with pytest.raises(ValueError, match="cfg must be above 1.0"):
+        node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion, steps=1, cfg=1.0)
+
+
+def test_paste_back_node(encoded, portrait):
+    face = encoded.face
+    x0, y0, x1, y1 = face.conditioning.crop_box
+    frames = torch.rand(3, face.size, face.size, 3)
+    (pasted,) = node("EmoCASTPasteBack").paste(portrait, frames, face, 8)
+    assert pasted.shape == (3, 512, 512, 3) and pasted.dtype == torch.float32
+    outside = torch.ones(512, 512, dtype=torch.bool)
+    outside[max(y0, 0):y1, max(x0, 0):x1] = False
+    assert torch.equal(pasted[:, outside], portrait.expand(3, -1, -1, -1)[:, outside])
+    # the centre of the box is the generated frame, scaled to the box
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    scaled = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(y1 - y0, x1 - x0), mode="bilinear",
+                                             antialias=True).permute(0, 2, 3, 1)
+    torch.testing.assert_close(pasted[:, cy, cx], scaled[:, cy - y0, cx - x0].clamp(0, 1))
+    with pytest.raises(ValueError, match="256x256"):
+        node("EmoCASTPasteBack").paste(portrait[:, :256, :256], frames, face, 8)
+
+
+def test_paste_back_feathers_only_inside_the_picture():
+    from emocast_pack.emocast_core.paste_back import feather_mask, paste_back
+
+    background = torch.zeros(1, 3, 40, 60)
+    frames = torch.ones(2, 3, 16, 16)
+    out = paste_back(background, frames, (-8, 10, 24, 42), feather=4)  # 32 px box, over the left/bottom border
+    assert out.shape == (2, 3, 40, 60)
+    assert out[:, :, :10].abs().max() == 0 and out[:, :, :, 24:].abs().max() == 0
+    assert torch.equal(out[0, 0, 39, 0:20], torch.ones(20))  # hard at the picture's border
+    assert out[0, 0, 10, 10] < 0.2 and out[0, 0, 25, 23] < 0.2  # soft towards the inside
+    assert out[0, 0, 25, 10] == 1
+    mask = feather_mask(8, 8, 2, (True, False, False, False))
+    assert mask[0].tolist() == [0.25] * 8 and mask[1].tolist() == [0.75] * 8 and mask[2:].min() == 1
+    with pytest.raises(ValueError, match="outside"):
+        paste_back(background, frames, (100, 100, 116, 116))
+    with pytest.raises(ValueError, match="3 frames"):
+        paste_back(torch.zeros(3, 3, 40, 60), torch.ones(5, 3, 16, 16), (0, 0, 16, 16))
+
+
+def test_unload_frees_and_the_handle_reloads(handle):
+    first = handle.models()
+    frames = torch.zeros(2, 8, 8, 3)
+    (out,) = node("EmoCASTUnloadModels").unload(frames)
+    assert out is frames and len(model_cache.MODEL_CACHE) == 0
+    assert handle.models() is not first and handle.spec in model_cache.MODEL_CACHE
+
+
+def test_requirements_mirror_pyproject_without_torch():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    expected = [d for d in project["dependencies"] if not d.startswith(("torch>", "torchaudio>", "torchvision>"))]
+    assert requirements == expected
+    assert all(">=" in r and "==" not in r and "<" not in r for r in requirements)
