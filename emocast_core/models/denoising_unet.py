@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import NetConfig
 from .emotive_audio_attention import EmotiveAudioModule
@@ -45,6 +46,9 @@ class DenoisingUNet(nn.Module):
             setattr(self, name, getattr(base, name))
         self.use_audio_module = config.use_audio_module
         self.use_motion_module = config.use_motion_module
+        # Training only: recompute each spatial layer (transformer + audio + motion module) in the backward
+        # pass instead of storing its activations. Same numerics; never used under no_grad.
+        self.gradient_checkpointing = False
         self._add_frame_modules(config, zero_init)
 
     def _add_frame_modules(self, config: NetConfig, zero_init: bool) -> None:
@@ -114,9 +118,14 @@ class DenoisingUNet(nn.Module):
                 h = block.motion_modules[j](h, frames, prefix)
             return h
 
+        run_layer = layer
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            def run_layer(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
+                return checkpoint(layer, block, j, path, h, use_reentrant=False)
+
         h = self.conv_in(x)
         if face_features is not None:
             h = h + face_features.repeat_interleave(frames, 0)
-        h = unet_body(self, h, emb, layer)
+        h = unet_body(self, h, emb, run_layer)
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))
         return h.unflatten(0, (b, frames)).transpose(1, 2)

@@ -1,0 +1,130 @@
+"""Command line: ``python -m training stage1|stage2|progressive --config FILE.yaml``, ``prepare``, ``smoke``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from .config import load_stage_config
+    from .runner import train
+
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"solver.max_train_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output.dir={args.output_dir}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    config = load_stage_config(args.config, overrides)
+    wanted = int(args.command[-1])
+    if config.stage != wanted:
+        raise ValueError(f"{args.config} is a stage-{config.stage} config; run `python -m training "
+                         f"stage{config.stage}` or set `stage: {wanted}`")
+    result = train(config)
+    print(f"stage {config.stage}: {result.steps} steps, last loss {result.losses[-1]:.5f}; "
+          f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _run_progressive(args: argparse.Namespace) -> int:
+    from .progressive import load_progressive_config, run_progressive
+
+    config = load_progressive_config(args.config)
+    results = run_progressive(config, list(args.set or []))
+    for phase, result in zip(config.phases, results):
+        print(f"phase {phase.name}: {result.steps} steps, last loss {result.losses[-1]:.5f}; "
+              f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder
+    from emocast_core.preprocess.face import FaceAnalyzer
+
+    from .data.metadata import discover_clips
+    from .data.prepare import ClipLabel, Preparer, PrepareSettings, link_neutral_videos, parse_mead_path
+
+    if not args.mead and ((args.identity is None) == (not args.identity_per_video) or args.emotion is None):
+        raise ValueError("give --mead (labels from MEAD paths), or --emotion with either --identity or "
+                         "--identity-per-video")
+    preparer = Preparer(FaceAnalyzer.from_folder(args.models / "face_analysis"),
+                        Wav2Vec2AudioEncoder.from_pretrained(args.models / "wav2vec2"),
+                        PrepareSettings(face_every=args.face_every))
+    skipped = 0
+    for video in args.videos:
+        label = parse_mead_path(video) if args.mead else ClipLabel(
+            video.stem, video.stem if args.identity_per_video else args.identity, args.emotion, args.intensity,
+            args.source)
+        skipped += preparer.prepare(video, args.out, label) is None
+    linked = link_neutral_videos(discover_clips([args.out]))
+    print(f"prepared {len(args.videos) - skipped} video(s) into {args.out} ({skipped} skipped); linked {linked} "
+          "emotional clip(s) to a neutral video of their identity")
+    return 0
+
+
+def _run_smoke(args: argparse.Namespace) -> int:
+    from .smoke import run_smoke
+
+    result = run_smoke(args.out, steps=args.steps, size=args.size)
+    for stage, losses in result.losses.items():
+        print(f"stage {stage}: losses " + ", ".join(f"{v:.4f}" for v in losses))
+    print(f"final checkpoint: {result.stage2_checkpoint}\ntiny model folder with the trained net: "
+          f"{result.model_folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage, what in ((1, "image level: ReferenceNet, spatial UNet, FaceLocator, face projection"),
+                        (2, "video level: audio projection, audio and motion modules")):
+        p = sub.add_parser(f"stage{stage}", help=f"train stage {stage} ({what})")
+        p.add_argument("--config", type=Path, required=True, help=f"YAML, e.g. training/configs/stage{stage}.yaml")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set data.batch_size=4 (repeatable)")
+        p.add_argument("--max-steps", type=int, help="shortcut for --set solver.max_train_steps=N")
+        p.add_argument("--output-dir", help="shortcut for --set output.dir=DIR")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+        p.set_defaults(run=_run_stage)
+    p = sub.add_parser("progressive", help="stage 2 in data phases (paper §3.4.2), each resuming the last")
+    p.add_argument("--config", type=Path, required=True, help="YAML, e.g. training/configs/progressive.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a value of the base stage-2 config in every phase (repeatable)")
+    p.set_defaults(run=_run_progressive)
+    p = sub.add_parser("prepare", help="videos -> prepared clip folders (frames, masks, embeddings, meta.json)")
+    p.add_argument("videos", type=Path, nargs="+", help="talking-head videos (square crops around the face)")
+    p.add_argument("--out", type=Path, required=True, help="dataset root to write the clip folders into")
+    p.add_argument("--models", type=Path, required=True, help="model folder with face_analysis/ and wav2vec2/")
+    p.add_argument("--mead", action="store_true", help="read identity / emotion / level from MEAD paths")
+    p.add_argument("--identity", help="identity of every video (without --mead)")
+    p.add_argument("--identity-per-video", action="store_true", help="each video is its own identity (HDTF)")
+    p.add_argument("--emotion", help="emotion of every video (without --mead)")
+    p.add_argument("--intensity", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--source", default="", help="dataset name stored in meta.json (MEAD, HDTF, ...)")
+    p.add_argument("--face-every", type=int, default=1, help="run the face models on every n-th frame")
+    p.set_defaults(run=_run_prepare)
+    p = sub.add_parser("smoke", help="tiny models + synthetic data: a few CPU steps of both stages")
+    p.add_argument("--out", type=Path, default=Path("training_smoke"), help="output folder")
+    p.add_argument("--steps", type=int, default=3, help="steps per stage")
+    p.add_argument("--size", type=int, default=64, help="image size (multiple of 64)")
+    p.set_defaults(run=_run_smoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
