@@ -16,26 +16,13 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from skimage import data as skdata
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "emocast_pack"
+from conftest import PACK, ROOT, load_pack
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
-
-
-def load_pack(name: str = PACK) -> types.ModuleType:
-    """Import the repository root as a package from its file path, as ComfyUI's custom-node loader does."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 pack = load_pack()

@@ -5,15 +5,13 @@ our nodes against their own INPUT_TYPES; the loader's model list comes from a mo
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_pack
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 NOTE_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes: no backend class, one text widget
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
@@ -21,17 +19,6 @@ SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 UPLOAD_EXTRAS = {"image_upload": 1, "audio_upload": 2, "video_upload": 1}
 MODEL_FILES = ("emocast.safetensors", "net.pth", "vae/", "clip/", "wav2vec2/", "face_analysis/", "config.json",
                "huggingface.co/Jmaomao/EmoCAST")
-
-
-def load_pack(name: str = "emocast_pack") -> types.ModuleType:
-    """Import the repository root as a package from its file path, as ComfyUI's custom-node loader does."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _object_info(cls: type) -> dict:

@@ -118,10 +118,10 @@ class DenoisingUNet(nn.Module):
                 h = block.motion_modules[j](h, frames, prefix)
             return h
 
-        run_layer = layer
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            def run_layer(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
-                return checkpoint(layer, block, j, path, h, use_reentrant=False)
+        def checkpointed(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
+            return checkpoint(layer, block, j, path, h, use_reentrant=False)
+
+        run_layer = checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else layer
 
         h = self.conv_in(x)
         if face_features is not None:

@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_graphs import save_graph
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNITION_FILE = "glintr100.onnx"
 LANDMARK_FILE = "2d106det.onnx"
 
-_OPSET = 13
-_IR_VERSION = 8  # readable by every onnxruntime we support
 _STRIDES = (8, 16, 32)
 _ANCHORS = 2
 _FACE_STRIDE = 32  # faces are emitted at the coarsest level: one anchor per face
@@ -102,16 +101,6 @@ def keypoints_5_box_units() -> np.ndarray:
                      [_MOUTH[0] - 0.17, _MOUTH[1]], [_MOUTH[0] + 0.17, _MOUTH[1]]])
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)],
-                              producer_name="emocast-synthetic")
-    model.ir_version = _IR_VERSION
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
 def _const(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name=name)
 
@@ -176,7 +165,7 @@ def write_detector(path: str | Path, faces: Sequence[SyntheticFace] = (Synthetic
                 inits.append(_const(f"{name}_const", boxes if group == "bbox" else kps))
                 nodes.append(helper.make_node("Identity", [f"{name}_const"], [name], name=name))
     image = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, det_size, det_size])
-    return _save(helper.make_graph(nodes, "synthetic_scrfd", [image], outputs, inits), Path(path))
+    return save_graph(helper.make_graph(nodes, "synthetic_scrfd", [image], outputs, inits), Path(path))
 
 
 def write_recognizer(path: str | Path, seed: int = 0) -> Path:
@@ -195,7 +184,7 @@ def write_recognizer(path: str | Path, seed: int = 0) -> Path:
     embedding = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])
     graph = helper.make_graph(nodes, "synthetic_arcface", [image], [embedding],
                               [_const("rec_weight", weight), _const("rec_bias", bias)])
-    return _save(graph, Path(path))
+    return save_graph(graph, Path(path))
 
 
 def write_landmarker(path: str | Path) -> Path:
@@ -215,7 +204,7 @@ def write_landmarker(path: str | Path) -> Path:
     out = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 212])
     graph = helper.make_graph(nodes, "synthetic_2d106", [image], [out],
                               [_const("lmk_layout", layout), _const("lmk_zero", np.array(0.0, np.float32))])
-    return _save(graph, Path(path))
+    return save_graph(graph, Path(path))
 
 
 def write_face_models(folder: str | Path, faces: Sequence[SyntheticFace] = (SyntheticFace(),),

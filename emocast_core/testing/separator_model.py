@@ -15,13 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..preprocess.vocal_separation import MDXParams
-
-_OPSET = 13
-_IR_VERSION = 8  # readable by every onnxruntime we support
+from .onnx_graphs import save_graph
 _SWAPPED_CHANNELS = (2, 3, 0, 1)
 
 
@@ -63,10 +60,4 @@ def _write(path: Path, params: MDXParams, channels: int, scale: np.ndarray,
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
         initializer=initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)],
-                              producer_name="emocast-synthetic")
-    model.ir_version = _IR_VERSION
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
