@@ -56,6 +56,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}") from None
 
 
+def onnx_providers(device: torch.device) -> tuple[str, ...]:
+    """ONNX Runtime providers for the face and separator models: CUDA first when the run is on a GPU and
+    the installed onnxruntime has it (the CPU-only package does not), the CPU always."""
+    import onnxruntime
+
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" else ("CPUExecutionProvider",)
+    available = set(onnxruntime.get_available_providers())
+    return tuple(p for p in wanted if p in available) or ("CPUExecutionProvider",)
+
+
 @dataclass
 class EmoCASTModels:
     """Every model the pipeline needs, loaded once and reused across generations."""
@@ -81,8 +91,7 @@ class EmoCASTModels:
         vae.requires_grad_(False)
         text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
         audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
-        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" \
-            else ("CPUExecutionProvider",)
+        providers = onnx_providers(device)
         face = FaceAnalyzer.from_folder(paths.face_analysis, providers=providers)
         separator = find_separator(paths.root, providers=providers)
         return cls(net, vae, text, audio, face, make_scheduler(), device, dtype, separator)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from emocast_core.model_paths import ModelPaths
-from emocast_core.pipeline import (EmoCASTModels, GenerationCancelled, GenerationRequest, generate, resolve_dtype,
-                                   trim_audio)
+from emocast_core.pipeline import (EmoCASTModels, GenerationCancelled, GenerationRequest, generate,
+                                   onnx_providers, resolve_dtype, trim_audio)
 from emocast_core.preprocess.audio import AudioClip
 from emocast_core.sampling import SamplingSettings
 from emocast_core.testing.speech import synthesize_speech
@@ -116,6 +116,16 @@ def test_trim_audio_pads_and_cuts():
     assert trim_audio(clip, 2).num_samples == 640
     longer = trim_audio(clip, 4)
     assert longer.num_samples == 1280 and longer.waveform[:, 1000:].abs().max() == 0
+
+
+def test_onnx_providers_are_those_installed(monkeypatch):
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers(torch.device("cuda")) == ("CPUExecutionProvider",)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers(torch.device("cuda")) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert onnx_providers(torch.device("cpu")) == ("CPUExecutionProvider",)
 
 
 def test_dtype_choice():
