@@ -36,7 +36,7 @@ log = logging.getLogger("emocast_core.conditioning")
 MOVABLE_PARTS = ("net", "vae", "text_encoder", "audio_encoder")
 
 __all__ = ["AudioInput", "EmotionInput", "FaceInput", "GenerationResult", "MOVABLE_PARTS", "PromptTable",
-           "encode_audio", "encode_emotion", "encode_face", "move_models", "parameter_bytes", "sample",
+           "encode_audio", "encode_emotion", "encode_face", "move_models", "parameter_bytes", "part_modules", "sample",
            "trim_audio", "video_conditioning"]
 
 
@@ -206,6 +206,12 @@ def _modules(models: EmoCASTModels, parts: Iterable[str]) -> list[torch.nn.Modul
     table = {"net": models.net, "vae": models.vae, "text_encoder": models.text_encoder.text_model,
              "audio_encoder": models.audio_encoder.model}
     return [table[p] for p in parts]
+
+
+def part_modules(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> dict[str, torch.nn.Module]:
+    """The torch module behind each named part, e.g. to hand the weights to a host's memory manager."""
+    parts = tuple(parts)
+    return dict(zip(parts, _modules(models, parts)))
 
 
 def move_models(models: EmoCASTModels, device: str | torch.device, parts: Iterable[str] = MOVABLE_PARTS) -> None:

@@ -1,8 +1,14 @@
 """The one place that talks to ComfyUI: model folders, progress, interruption, device and memory.
 
-ComfyUI's modules (`folder_paths`, `comfy.utils`, `comfy.model_management`) are imported when a function
-needs them, never at import time, and every function has a plain fallback for running without ComfyUI
-(the tests, scripts): no registered folders, no progress bar, never interrupted, torch's own devices.
+ComfyUI's modules (`folder_paths`, `comfy.utils`, `comfy.model_management`, `comfy.model_patcher`) are
+imported when a function needs them, never at import time, and every function has a plain fallback for
+running without ComfyUI (the tests, scripts): no registered folders, no progress bar, never interrupted,
+torch's own devices, no memory manager (`manage_models` returns None; `load_on_device` acts only on the
+patchers it makes).
+
+Memory: under ComfyUI every torch part of the loaded models (networks, VAE, text encoder, wav2vec2) is handed
+to ComfyUI's memory manager as a `ModelPatcher`, so ComfyUI loads, evicts and unloads the weights like those of
+its own models; the nodes ask for the parts they need before each use (`load_on_device`).
 
 Model folders: ComfyUI's `models/emocast/` (registered here under the key ``emocast``, so
 `extra_model_paths.yaml` can add more locations under that key) plus every folder listed in the
@@ -14,7 +20,7 @@ import gc
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -121,3 +127,64 @@ def output_device() -> Any:
     """Where node outputs live (ComfyUI's intermediate device: the CPU unless --gpu-only)."""
     mm = _comfy_module("comfy.model_management")
     return "cpu" if mm is None else mm.intermediate_device()
+
+
+def manage_models(modules: Mapping[str, "torch.nn.Module"], load_device: "torch.device") -> dict[str, Any] | None:
+    """One ComfyUI `ModelPatcher` per part (by part name), loading onto `load_device` and offloading to the CPU.
+
+    None without ComfyUI. The offload device is the CPU even where ComfyUI keeps its own models on the GPU
+    (--highvram, --gpu-only): the pack's model cache outlives ComfyUI's node cache, so weights parked on the
+    GPU would stay there until the Unload Models node ran.
+    """
+    model_patcher = _comfy_module("comfy.model_patcher")
+    if model_patcher is None:
+        return None
+    import torch
+
+    from .model_parts import EmoCASTModelPart
+
+    cpu = torch.device("cpu")
+    return {name: model_patcher.ModelPatcher(EmoCASTModelPart(name, module), load_device=load_device,
+                                             offload_device=cpu)
+            for name, module in modules.items()}
+
+
+def load_on_device(patchers: Collection[Any]) -> "torch.device":
+    """Have ComfyUI put these parts on their load device, making room as it sees fit; returns that device.
+
+    Plain torch layers cannot run split between two devices, hence `force_full_load`. ComfyUI can still leave
+    them behind (--novram loads only its own `comfy.ops` layers); they are then moved over here, in full.
+    """
+    from .model_parts import weight_devices
+
+    patchers = list(patchers)
+    mm = _comfy_module("comfy.model_management")
+    if mm is None or not patchers:
+        raise ValueError("load_on_device takes the ModelPatchers made by manage_models under ComfyUI, got "
+                         f"{len(patchers)} part(s) {'without' if mm is None else 'with'} ComfyUI")
+    mm.load_models_gpu(patchers, force_full_load=True)
+    target = patchers[0].load_device
+    elsewhere = set().union(*(weight_devices(p.model) for p in patchers)) - {target}
+    if elsewhere:
+        log.warning("ComfyUI left EmoCAST weights on %s; moving them all to %s, since these layers cannot run "
+                    "split between devices", ", ".join(sorted(map(str, elsewhere))), target)
+        for patcher in patchers:
+            patcher.model.to(target)
+            patcher.model.device = target
+    return target
+
+
+def unload_models(patchers: Collection[Any]) -> None:
+    """Move these parts back to the CPU and take them off ComfyUI's list of loaded models."""
+    mm = _comfy_module("comfy.model_management")
+    if mm is None:
+        return
+    remaining = list(patchers)
+    loaded = mm.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        if any(loaded[i].model is p for p in remaining):
+            entry = loaded.pop(i)
+            remaining = [p for p in remaining if p is not entry.model]
+            entry.model_unload()
+    for patcher in remaining:  # not listed (never loaded, or already unloaded by ComfyUI): a no-op move at most
+        patcher.detach()

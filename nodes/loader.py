@@ -66,7 +66,8 @@ class EmoCASTLoader:
         "Loads the EmoCAST networks, VAE, CLIP text encoder, wav2vec2 and insightface face models from one "
         f"model folder: {LAYOUT}. More locations: add an 'emocast' entry to extra_model_paths.yaml or set "
         f"${comfy_adapter.MODELS_DIR_ENV}. Loaded models are kept between runs (one model at a time) until the "
-        "'EmoCAST Unload Models' node frees them.")
+        "'EmoCAST Unload Models' node frees them; ComfyUI's memory management moves them off the GPU when it needs "
+        "room (or on 'Unload Models') and the next run brings them back.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("EMOCAST_MODEL",)

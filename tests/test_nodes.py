@@ -153,10 +153,71 @@ def test_loader_rejects_bad_options(tmp_path, monkeypatch):
         node("EmoCASTLoader").load("emocast.safetensors", "fp32", "tpu", False)
 
 
+class FakeModelPatcher:
+    """`comfy.model_patcher.ModelPatcher` as far as the pack relies on it: it moves `model` and records where."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        if getattr(model, "device", None) is None:
+            model.device = offload_device
+        self.detached = 0
+
+    def current_loaded_device(self):
+        return self.model.device
+
+    def load(self):
+        self.model.to(self.load_device)
+        self.model.device = self.load_device
+
+    def detach(self, unpatch_all=True):
+        self.detached += 1
+        self.model.to(self.offload_device)
+        self.model.device = self.offload_device
+        return self.model
+
+
+class FakeLoadedModel:
+    """`comfy.model_management.LoadedModel`: an entry of `current_loaded_models`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True):
+        self.model.detach(unpatch_weights)
+        return True
+
+
+def fake_model_management(calls: dict[str, list]) -> types.ModuleType:
+    """The memory functions of `comfy.model_management`, behaving like ComfyUI's for models it fully loads."""
+    mm = types.ModuleType("comfy.model_management")
+    mm.current_loaded_models = []
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        calls["load_models_gpu"].append((list(models), force_full_load))
+        for patcher in models:
+            patcher.load()
+            listed = [m for m in mm.current_loaded_models if m.model is patcher]
+            for entry in listed:
+                mm.current_loaded_models.remove(entry)
+            mm.current_loaded_models.insert(0, listed[0] if listed else FakeLoadedModel(patcher))
+
+    def unload_all_models():
+        while mm.current_loaded_models:
+            mm.current_loaded_models.pop().model_unload()
+
+    mm.load_models_gpu = load_models_gpu
+    mm.unload_all_models = unload_all_models
+    mm.free_memory = lambda n, device, keep_loaded=(): calls["free_memory"].append((n, device))
+    mm.soft_empty_cache = lambda force=False: calls["soft_empty_cache"].append(force)
+    return mm
+
+
 @pytest.fixture
 def fake_comfy(monkeypatch, tmp_path):
     """Stand-ins for the ComfyUI modules the adapter uses, recording what the pack does with them."""
-    calls: dict[str, list] = {"progress": [], "free_memory": [], "soft_empty_cache": []}
+    calls: dict[str, list] = {"progress": [], "free_memory": [], "soft_empty_cache": [], "load_models_gpu": [],
+                              "patchers": []}
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(tmp_path / "models")
     folder_paths.folder_names_and_paths = {}
@@ -177,21 +238,26 @@ def fake_comfy(monkeypatch, tmp_path):
         def update_absolute(self, value, total=None, preview=None):
             calls["progress"].append((value, total))
 
+    class ModelPatcher(FakeModelPatcher):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            calls["patchers"].append(self)
+
     state = {"interrupt_after": None}
-    mm = types.ModuleType("comfy.model_management")
+    mm = fake_model_management(calls)
     mm.InterruptProcessingException = InterruptProcessingException
     mm.processing_interrupted = lambda: state["interrupt_after"] is not None and \
         len(calls["progress"]) >= state["interrupt_after"]
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.intermediate_device = lambda: torch.device("cpu")
-    mm.free_memory = lambda n, device: calls["free_memory"].append((n, device))
-    mm.soft_empty_cache = lambda force=False: calls["soft_empty_cache"].append(force)
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
+    model_patcher = types.ModuleType("comfy.model_patcher")
+    model_patcher.ModelPatcher = ModelPatcher
     comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils = mm, utils
+    comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, model_patcher
     for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
-                         "comfy.utils": utils}.items():
+                         "comfy.utils": utils, "comfy.model_patcher": model_patcher}.items():
         monkeypatch.setitem(sys.modules, name, module)
     return types.SimpleNamespace(folder_paths=folder_paths, mm=mm, calls=calls, state=state)
 
@@ -216,6 +282,10 @@ def test_without_comfyui_the_adapter_falls_back():
     assert adapter.interrupted() is False
     assert adapter.compute_device() is None
     assert adapter.output_device() == "cpu"
+    assert adapter.manage_models({"net": torch.nn.Linear(2, 2)}, torch.device("cpu")) is None
+    adapter.unload_models([])  # nothing to unload, and no error
+    with pytest.raises(ValueError, match="without ComfyUI"):
+        adapter.load_on_device([object()])
     err = RuntimeError("stop")
     with pytest.raises(RuntimeError, match="stop"):
         adapter.raise_cancelled(err)
@@ -226,7 +296,7 @@ def test_model_cache_keys_capacity_and_release():
 
     def fake_load(spec):
         loads.append(spec)
-        return object()
+        return model_cache.LoadedModels(object())
 
     cache = model_cache.ModelCache(capacity=1, loader=fake_load)
     fp32 = model_cache.LoadSpec(Path("/m/emocast.safetensors"), "fp32", "cpu")
@@ -237,7 +307,7 @@ def test_model_cache_keys_capacity_and_release():
     assert loads == [fp32, fp16] and fp32 not in cache and fp16 in cache
     assert cache.release() == 1 and len(cache) == 0
     handle = model_cache.ModelHandle(fp16, cache)
-    assert handle.models() is not first and loads == [fp32, fp16, fp16]  # loaded again after a release
+    assert handle.models() is not first.models and loads == [fp32, fp16, fp16]  # loaded again after a release
     with pytest.raises(ValueError, match="capacity"):
         model_cache.ModelCache(capacity=0)
 
@@ -249,7 +319,7 @@ def test_offloaded_models_visit_the_device_only_while_used(monkeypatch):
     monkeypatch.setattr(conditioning, "parameter_bytes", lambda models, parts: 1000 * len(parts))
     monkeypatch.setattr(adapter, "make_room", lambda n, device: room.append((n, str(device))))
     gpu_models = types.SimpleNamespace(device=torch.device("cuda"))
-    cache = model_cache.ModelCache(loader=lambda spec: gpu_models)
+    cache = model_cache.ModelCache(loader=lambda spec: model_cache.LoadedModels(gpu_models))
     handle = model_cache.ModelHandle(model_cache.LoadSpec(Path("/m/x.safetensors"), offload=True), cache)
     with handle.use("net", "vae") as models:
         assert models is gpu_models and moves == [("cuda", ("net", "vae"))]
@@ -263,6 +333,49 @@ def test_offloaded_models_visit_the_device_only_while_used(monkeypatch):
     with resident.use("net"):
         pass
     assert moves == []
+
+
+def _small_parts() -> dict[str, torch.nn.Module]:
+    return {"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), "vae": torch.nn.Linear(2, 2)}
+
+
+def test_load_on_device_moves_what_comfyui_left_behind(fake_comfy, caplog):
+    """--novram: ComfyUI moves none of a plain torch model; the parts are then moved in full, not run split."""
+    split = _small_parts()
+    split["net"][1].to("meta")  # half of the network on the device (meta stands in for a GPU)
+    with pytest.raises(ValueError, match="'net' must have its weights on one device"):
+        adapter.manage_models(split, torch.device("meta"))
+    parts = _small_parts()
+    patchers = adapter.manage_models(parts, torch.device("meta"))
+    assert [p.model.device for p in patchers.values()] == [torch.device("cpu")] * 2
+    patchers["net"].load = lambda: None  # ComfyUI loads nothing of it
+    with caplog.at_level("WARNING", logger="emocast.nodes"):
+        assert adapter.load_on_device(patchers.values()) == torch.device("meta")
+    assert {p.device for m in parts.values() for p in m.parameters()} == {torch.device("meta")}
+    assert patchers["net"].model.device == torch.device("meta")
+    assert "left EmoCAST weights on cpu; moving them all to meta" in caplog.text
+    assert fake_comfy.calls["load_models_gpu"] == [(list(patchers.values()), True)]
+
+
+def test_offloaded_parts_under_comfyui_visit_the_device_only_while_used(fake_comfy):
+    models = types.SimpleNamespace(device=torch.device("cuda"))
+    cache = model_cache.ModelCache(loader=lambda spec: model_cache.LoadedModels(
+        models, adapter.manage_models(_small_parts(), torch.device("cpu"))))
+    handle = model_cache.ModelHandle(model_cache.LoadSpec(Path("/m/x.safetensors"), offload=True), cache)
+    patchers = cache.get(handle.spec).patchers
+    mm = fake_comfy.mm
+    with handle.use("net") as used:
+        assert used is models and [e.model for e in mm.current_loaded_models] == [patchers["net"]]
+        assert models.device == torch.device("cpu")  # follows where ComfyUI loaded the weights
+    assert fake_comfy.calls["load_models_gpu"] == [([patchers["net"]], True)]
+    assert mm.current_loaded_models == [] and patchers["net"].detached == 1  # off the device and off the list
+    with pytest.raises(KeyError):
+        with handle.use("vae"):
+            raise KeyError("boom")
+    assert mm.current_loaded_models == [] and patchers["vae"].detached == 1  # unloaded even when the node fails
+    with handle.use() as used:  # no torch part (the face node): nothing is loaded
+        assert used is models
+    assert len(fake_comfy.calls["load_models_gpu"]) == 2
 
 
 # ---- the nodes on tiny models ----------------------------------------------------------------------------
@@ -486,6 +599,61 @@ def test_unload_frees_and_the_handle_reloads(handle):
     (out,) = node("EmoCASTUnloadModels").unload(frames)
     assert out is frames and len(model_cache.MODEL_CACHE) == 0
     assert handle.models() is not first and handle.spec in model_cache.MODEL_CACHE
+
+
+def test_comfyui_loads_offloads_and_unloads_the_models(fake_comfy, models_root, encoded, portrait, speech,
+                                                       monkeypatch):
+    """Under ComfyUI the torch parts are ModelPatchers: loaded before each node's work, unloadable by ComfyUI."""
+    from emocast_pack.emocast_core import conditioning
+    from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE
+
+    calls, mm = fake_comfy.calls, fake_comfy.mm
+    # "auto" precision: another cache entry than the module's handle, loaded while ComfyUI runs
+    handle = node("EmoCASTLoader").load("tiny/emocast.safetensors", "auto", "cpu", False)[0]
+    models = handle.models()
+    patchers = model_cache.MODEL_CACHE.get(handle.spec).patchers
+    names = {id(p): name for name, p in patchers.items()}
+    # one patcher per torch part, holding the library's own module (one copy of the weights)
+    assert calls["patchers"] == list(patchers.values()) and tuple(patchers) == conditioning.MOVABLE_PARTS
+    for name, module in conditioning.part_modules(models).items():
+        assert getattr(patchers[name].model, name) is module
+        assert patchers[name].load_device == patchers[name].offload_device == torch.device("cpu")
+    # loaded straight onto the device: registered with ComfyUI as loaded, in full
+    assert calls["load_models_gpu"] == [(list(patchers.values()), True)]
+    assert sorted(names[id(e.model)] for e in mm.current_loaded_models) == sorted(patchers)
+    assert node("EmoCASTLoader").load("tiny/emocast.safetensors", "auto", "cpu", False)[0].models() is models
+    assert len(calls["patchers"]) == 4  # made once per load
+
+    events = []
+    real_load = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda ps, **kw: events.append(("load", [names[id(p)] for p in ps]))
+                        or real_load(ps, **kw))
+    for fn in ("encode_face", "encode_emotion", "encode_audio", "sample"):
+        monkeypatch.setattr(conditioning, fn, lambda *a, _fn=fn, _real=getattr(conditioning, fn), **k:
+                            events.append(_fn) or _real(*a, **k))
+    node("EmoCASTFace").encode(handle, portrait, TINY_SIZE, True)
+    node("EmoCASTEmotion").encode(handle, "happy", 0.5, 1.0)
+    node("EmoCASTAudio").encode(handle, speech, 8)
+    frames = node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion, steps=1, seed=3)[0]
+    assert events == ["encode_face", ("load", ["text_encoder"]), "encode_emotion", ("load", ["audio_encoder"]),
+                      "encode_audio", ("load", ["net", "vae"]), "sample"]
+    assert all(full for _, full in calls["load_models_gpu"])  # plain torch layers: never a partial load
+
+    # ComfyUI unloads everything ("Unload models", POST /free, an out-of-memory error) ...
+    mm.unload_all_models()
+    assert mm.current_loaded_models == [] and [p.detached for p in patchers.values()] == [1] * 4
+    assert handle.spec in model_cache.MODEL_CACHE  # the CPU copy stays cached
+    # ... and the next run loads the parts again and runs where ComfyUI put them
+    models.device = torch.device("meta")
+    again = node("EmoCASTSampler").sample(handle, encoded.face, encoded.audio, encoded.emotion, steps=1, seed=3)[0]
+    assert events[-2:] == [("load", ["net", "vae"]), "sample"] and models.device == torch.device("cpu")
+    assert torch.equal(again, frames)
+    assert sorted(names[id(e.model)] for e in mm.current_loaded_models) == ["net", "vae"]
+
+    # the Unload node takes every part off ComfyUI's list and out of the device, then drops the models
+    node("EmoCASTUnloadModels").unload(frames)
+    assert mm.current_loaded_models == [] and [p.detached for p in patchers.values()] == [2] * 4
+    assert len(model_cache.MODEL_CACHE) == 0
 
 
 def test_requirements_mirror_pyproject_without_torch():
