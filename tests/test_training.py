@@ -604,6 +604,17 @@ def test_progressive_phases_continue_from_the_previous_checkpoint(helpers, datas
     recorded = yaml.safe_load((tmp_path / "prog" / "2-narrow" / "train_config.yaml").read_text())
     assert recorded["model"]["init_checkpoint"] == str(results[0].checkpoint)
     ck.check_layout(results[1].checkpoint, ck.read_layout(results[1].checkpoint), NetConfig.tiny())
+    assert all(len(r.losses) == 1 and r.start_step == 0 for r in results)
+
+    # the same command again: both phases are finished and skipped; a longer last phase resumes
+    again = run_progressive(config)
+    assert [(r.checkpoint, r.steps, r.losses) for r in again] == [(r.checkpoint, 1, []) for r in results]
+    path.write_text(yaml.safe_dump({"base": str(base), "output_dir": str(tmp_path / "prog"), "phases": [
+        {"name": "wide", "max_train_steps": 1},
+        {"name": "narrow", "max_train_steps": 2, "sources": ["Synthetic"]}]}))
+    longer = run_progressive(load_progressive_config(path))
+    assert longer[0].losses == [] and (longer[1].start_step, longer[1].steps, len(longer[1].losses)) == (1, 2, 1)
+    assert longer[1].checkpoint == tmp_path / "prog" / "2-narrow" / "net-2.safetensors"
 
     path.write_text(yaml.safe_dump({"base": str(base), "output_dir": "x", "phases": [
         {"name": "a b", "max_train_steps": 1}]}))
@@ -694,3 +705,135 @@ def test_link_neutral_videos_rewrites_the_emotional_clips(tmp_path):
     assert link_neutral_videos(discover_clips([tmp_path])) == 1
     links = {c.meta.clip_id: c.meta.neutral_video for c in discover_clips([tmp_path])}
     assert links == {"a_ang": "a_neu2", "a_hap": "a_neu1", "a_neu1": None, "a_neu2": None, "b_sad": None}
+
+
+# ---- the smoke chain: videos -> preparation -> stage 1 -> stage 2 -> progressive -> generation ------
+
+def test_smoke_chain_from_videos_trains_a_net_the_pipeline_generates_with(tmp_path, capsys):
+    from skimage import data as skdata
+
+    from emocast_core.model_paths import ModelPaths
+    from emocast_core.pipeline import EmoCASTModels, GenerationRequest, generate
+    from emocast_core.preprocess.audio import AudioClip
+    from emocast_core.sampling import SamplingSettings
+    from emocast_core.testing.speech import synthesize_speech
+    from emocast_core.video import read_video
+    from training.smoke import SMOKE_PHASES, VIDEO_SOURCES, run_smoke
+
+    out = tmp_path / "smoke"
+    result = run_smoke(out, steps=1, size=SIZE, frames=2, phase_steps=1)
+
+    # the videos: rendered faces with a speech track; every one prepared (the synthetic detector found a face)
+    frames, fps, audio = read_video(out / "videos" / "id0_happy_3.mp4")
+    assert frames.shape == (24, SIZE, SIZE, 3) and fps == pytest.approx(25) and audio is not None
+    assert float(audio.waveform.abs().max()) > 0.1
+    prepared = discover_clips([out / "data"])
+    assert len(prepared) == 8 and {c.meta.source for c in prepared} == set(VIDEO_SOURCES.values())
+    for clip in prepared:
+        box = cv2.imread(str(clip.face_mask), cv2.IMREAD_GRAYSCALE)
+        assert box[SIZE // 2, SIZE // 2] == 255 and box[0, 0] == 0
+        assert abs(load_tensor_file(clip.audio_emb).shape[0] - clip.meta.num_frames) <= 1
+    links = {c.meta.clip_id: c.meta.neutral_video for c in prepared}
+    assert links["id0_happy_3"] == "id0_neutral_1" and links["id2_fear_3"] is None
+
+    # stage 1 -> stage 2 -> three phases, each continuing from the previous checkpoint, on its sources
+    previous = result.stage2_checkpoint
+    for (name, sources), checkpoint in zip(SMOKE_PHASES, result.phase_checkpoints, strict=True):
+        recorded = yaml.safe_load((checkpoint.parent / "train_config.yaml").read_text())
+        assert recorded["model"]["init_checkpoint"] == str(previous) and recorded["data"]["sources"] == list(sources)
+        assert checkpoint.parent.name.endswith(name) and checkpoint.name == "net-1.safetensors"
+        previous = checkpoint
+    final = out / "models" / "emocast.safetensors"
+    assert final.read_bytes() == result.final_checkpoint.read_bytes()
+    assert emocast_cli(["inspect", str(final), "--tiny"]) == 0
+    assert "layout matches the tiny test config" in capsys.readouterr().out
+    trained, stage1, stage2 = (ck.load_state_dict(p) for p in (final, result.stage1_checkpoint,
+                                                                 result.stage2_checkpoint))
+    assert torch.equal(trained["imageproj.proj.weight"], stage1["imageproj.proj.weight"])  # stage 1's, kept
+    assert any(not torch.equal(trained[k], stage2[k]) for k in trained if ".motion_modules." in k)  # phases trained
+
+    # the trained net generates: a real photo, synthesised speech, 1 step, clip length 8, 128 px
+    models = EmoCASTModels.load(ModelPaths.resolve(out / "models"), device="cpu", dtype="fp32")
+    speech = synthesize_speech("Hello there.")
+    request = GenerationRequest(image=skdata.astronaut(), audio=AudioClip(torch.from_numpy(speech)[None], 16000),
+                                size=128, sampling=SamplingSettings(steps=1, clip_length=8))
+    video = generate(models, request)
+    expected = int(np.ceil(len(speech) / 16000 * 25))
+    assert video.frames.shape[0] == expected and video.frames.shape[-2:] == (128, 128)
+    assert torch.isfinite(video.frames).all() and float(video.frames.std()) > 0
+
+
+# ---- resuming and accelerate ----------------------------------------------------------------------
+
+def _run_config(helpers: Path, dataset_root: Path, out: Path, stage: int, steps: int, **solver):
+    return config_from_dict({
+        "stage": stage, "device": "cpu", "seed": 0,
+        "model": {"config": "tiny", "vae": str(helpers / "vae"), "clip": str(helpers / "clip")},
+        "data": {"roots": [str(dataset_root)], "batch_size": 2, "size": SIZE, "num_workers": 0, "frames": 2,
+                 "sample_margin": 4},
+        "solver": {"max_train_steps": steps, "learning_rate": 1e-3, **solver},
+        "output": {"dir": str(out), "checkpointing_steps": 2, "save_pth": False},
+    })
+
+
+def test_an_interrupted_stage_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(
+        helpers, dataset_root, tmp_path, monkeypatch):
+    import training.runner as runner
+    from training.resume import find_resume_point
+
+    plain = train(_run_config(helpers, dataset_root, tmp_path / "plain", 1, 4, gradient_accumulation_steps=2))
+    assert plain.steps == 4 and len(plain.losses) == 4
+
+    calls = {"n": 0}
+    real_step = runner.stage1_step
+
+    def crash_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 2 micro-batches per step: the second of step 3
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    out = tmp_path / "interrupted"
+    config = _run_config(helpers, dataset_root, out, 1, 4, gradient_accumulation_steps=2)
+    monkeypatch.setattr(runner, "stage1_step", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(runner, "stage1_step", real_step)
+    assert find_resume_point(out).step == 2 and not (out / "net-3.safetensors").exists()
+    with (out / "log.jsonl").open("a") as log:  # as if the killed run had logged a step past its checkpoint
+        log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+
+    resumed = train(config)
+    assert (resumed.start_step, resumed.steps, len(resumed.losses)) == (2, 4, 2)
+    assert resumed.losses == plain.losses[2:]  # the same batches, noise and optimizer state: bit for bit
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == plain.losses
+    assert resumed.reference_fallbacks == plain.reference_fallbacks > 0
+    mine, theirs = ck.load_state_dict(resumed.checkpoint), ck.load_state_dict(plain.checkpoint)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert sorted(p.name for p in out.glob("state-*")) == ["state-4.pt", "state-4.rank0.pt"]  # older pruned
+
+    again = train(config)  # finished: nothing runs, nothing is appended
+    assert (again.steps, again.losses, again.checkpoint) == (4, [], out / "net-4.safetensors")
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    fresh = train(dataclasses.replace(config, output=dataclasses.replace(config.output, resume=False)))
+    assert fresh.start_step == 0 and fresh.losses == plain.losses
+
+
+def test_the_loop_runs_under_accelerate_with_accumulation_and_mixed_precision(helpers, dataset_root, tmp_path):
+    out = tmp_path / "bf16"
+    result = train(_run_config(helpers, dataset_root, out, 2, 1, gradient_accumulation_steps=2,
+                               mixed_precision="bf16"))
+    assert result.steps == 1 and all(np.isfinite(result.losses))
+    # the checkpoint: exactly the tiny inference layout, fp32 weights (autocast only), loadable
+    ck.check_layout(result.checkpoint, ck.read_layout(result.checkpoint), NetConfig.tiny())
+    state = ck.load_state_dict(result.checkpoint)
+    reference = build_net(NetConfig.tiny()).state_dict()
+    assert state.keys() == reference.keys()
+    assert all(state[k].shape == reference[k].shape and state[k].dtype == torch.float32 for k in state)
+    # two micro-batches, one optimizer step (and one schedule step)
+    saved = torch.load(out / "state-1.pt", weights_only=True)
+    assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {1}
+    assert saved["lr_schedule"]["last_epoch"] == 1
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(_run_config(helpers, dataset_root, tmp_path / "fp16", 2, 1, mixed_precision="fp16"))

@@ -26,9 +26,19 @@ def _run_stage(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.config} is a stage-{config.stage} config; run `python -m training "
                          f"stage{config.stage}` or set `stage: {wanted}`")
     result = train(config)
-    print(f"stage {config.stage}: {result.steps} steps, last loss {result.losses[-1]:.5f}; "
-          f"checkpoint {result.checkpoint}")
+    print(f"stage {config.stage}: {_summary(result)}")
     return 0
+
+
+def _summary(result) -> str:
+    """Steps, last loss and checkpoint of a run (resumed and already finished runs say so)."""
+    ran = len(result.losses)
+    text = f"{result.steps} steps"
+    if result.start_step:
+        text += f" (resumed at step {result.start_step}, {ran} run now)" if ran else " (finished already)"
+    if ran:
+        text += f", last loss {result.losses[-1]:.5f}"
+    return f"{text}; checkpoint {result.checkpoint}"
 
 
 def _run_progressive(args: argparse.Namespace) -> int:
@@ -37,8 +47,7 @@ def _run_progressive(args: argparse.Namespace) -> int:
     config = load_progressive_config(args.config)
     results = run_progressive(config, list(args.set or []))
     for phase, result in zip(config.phases, results):
-        print(f"phase {phase.name}: {result.steps} steps, last loss {result.losses[-1]:.5f}; "
-              f"checkpoint {result.checkpoint}")
+        print(f"phase {phase.name}: {_summary(result)}")
     return 0
 
 
@@ -68,12 +77,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_smoke(args: argparse.Namespace) -> int:
+    import torch
+
     from .smoke import run_smoke
 
-    result = run_smoke(args.out, steps=args.steps, size=args.size)
-    for stage, losses in result.losses.items():
-        print(f"stage {stage}: losses " + ", ".join(f"{v:.4f}" for v in losses))
-    print(f"final checkpoint: {result.stage2_checkpoint}\ntiny model folder with the trained net: "
+    torch.set_num_threads(1)  # the tiny model's ops are too small to gain from threads; they only contend
+    result = run_smoke(args.out, steps=args.steps, size=args.size, phase_steps=args.phase_steps)
+    for run, losses in result.losses.items():
+        print(f"{run}: losses " + (", ".join(f"{v:.4f}" for v in losses) or "none (already finished)"))
+    print(f"final checkpoint: {result.final_checkpoint}\ntiny model folder with the trained net: "
           f"{result.model_folder}")
     return 0
 
@@ -109,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="", help="dataset name stored in meta.json (MEAD, HDTF, ...)")
     p.add_argument("--face-every", type=int, default=1, help="run the face models on every n-th frame")
     p.set_defaults(run=_run_prepare)
-    p = sub.add_parser("smoke", help="tiny models + synthetic data: a few CPU steps of both stages")
-    p.add_argument("--out", type=Path, default=Path("training_smoke"), help="output folder")
+    p = sub.add_parser("smoke", help="tiny models + synthetic talking-head videos: the whole chain (prepare, "
+                                     "stage 1, stage 2, progressive phases) in a few CPU steps")
+    p.add_argument("--out", type=Path, default=Path("training_smoke"), help="output folder (rerun: resumes)")
     p.add_argument("--steps", type=int, default=3, help="steps per stage")
+    p.add_argument("--phase-steps", type=int, default=2, help="steps per progressive phase")
     p.add_argument("--size", type=int, default=64, help="image size (multiple of 64)")
     p.set_defaults(run=_run_smoke)
     return parser

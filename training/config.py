@@ -81,6 +81,7 @@ class OutputSection:
     checkpointing_steps: int = 500
     save_pth: bool = True  # also write net-<step>.pth (torch.save of the same state dict)
     log_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint + training state in `dir`, if any
 
 
 @dataclass

@@ -5,6 +5,9 @@ The paper's three phases are "generalisation" (all ETTH sources, in-the-wild emo
 "emotion refinement" (MEAD + HDTF) and "lip-sync specialisation" (HDTF). A phase is a change of the
 training data (`roots` and / or a filter on the clips' `source`) and a resume of the weights
 (ARCHITECTURE.md §9.4); the optimiser starts afresh in every phase. The paper gives no step counts.
+
+Rerunning the same command after an interruption skips the finished phases (their output folder holds
+the final checkpoint) and resumes the interrupted one from its last checkpoint (:mod:`training.resume`).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .config import StageConfig, build_dataclass, load_stage_config
-from .runner import TrainingResult, train
+from .runner import TrainingResult, finished_run, train
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +87,17 @@ def phase_configs(config: ProgressiveConfig, overrides: Sequence[str] = ()) -> l
 
 
 def run_progressive(config: ProgressiveConfig, overrides: Sequence[str] = ()) -> list[TrainingResult]:
-    """Run the phases in order; each starts from the previous phase's last checkpoint."""
+    """Run the phases in order; each starts from the previous phase's last checkpoint. Finished phases
+    are skipped, an interrupted one resumes."""
     results: list[TrainingResult] = []
     for phase, stage in zip(config.phases, phase_configs(config, overrides)):
         if results:
             stage.model.init_checkpoint = str(results[-1].checkpoint)
+        done = finished_run(stage)
+        if done is not None:
+            logger.info("phase %s: finished already (%s), skipped", phase.name, done.checkpoint)
+            results.append(done)
+            continue
         logger.info("phase %s: %d steps on %s%s, from %s", phase.name, stage.solver.max_train_steps,
                     stage.data.roots, f" (sources {stage.data.sources})" if stage.data.sources else "",
                     stage.model.init_checkpoint or stage.model.stage1_checkpoint or "the base initialisation")

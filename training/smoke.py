@@ -1,30 +1,47 @@
-"""A synthetic prepared dataset and an end-to-end smoke run of both stages with the tiny model, on the CPU.
+"""Synthetic training data and an end-to-end smoke run of the whole training chain with the tiny model, on
+the CPU.
 
-The data follow the prepared layout exactly (:mod:`training.data.metadata`): per identity a neutral clip
-and emotional clips of cartoon faces (ellipses whose head sways, whose mouth opens with the "speech" and
-whose brows and mouth corners show the emotion), random identity embeddings and random audio features of
-the tiny wav2vec2 width whose first channel follows the mouth opening. One identity has no neutral clip,
-so that emotion-aware sampling has to fall back.
+Two kinds of synthetic data, both cartoon faces (ellipses whose head sways, whose mouth opens and whose
+brows, eyes and mouth corners show the emotion) of three identities with neutral and emotional clips:
+
+* :func:`make_synthetic_videos`: talking-head MP4s whose audio track is eSpeak NG speech and whose mouth
+  opens with the loudness of that speech, for the whole chain (videos -> :class:`~training.data.prepare.Preparer`
+  -> stage 1 -> stage 2 -> progressive phases) that :func:`run_smoke` runs;
+* :func:`make_synthetic_dataset`: an already prepared dataset (the layout of :mod:`training.data.metadata`)
+  with random identity embeddings and random audio features whose first channel follows the mouth, for
+  fast unit tests of the datasets and the loop.
+
+One identity has no neutral clip, so that emotion-aware sampling has to fall back.
 """
 from __future__ import annotations
 
 import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import yaml
 
 from emocast_core.checkpoints import check_layout, load_net, read_layout
 from emocast_core.config import NetConfig
+from emocast_core.preprocess.audio import AudioClip
+from emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder
+from emocast_core.preprocess.face import FaceAnalyzer
 from emocast_core.preprocess.face_masks import rect_mask, separated_masks
+from emocast_core.testing.speech import synthesize_speech
 from emocast_core.testing.tiny_models import write_tiny_models
+from emocast_core.video import write_video
 
 from .config import StageConfig, config_from_dict
-from .data.metadata import ClipMeta, TemplateTextGenerator, save_clip_meta
+from .data.metadata import (
+    META_FILE, ClipMeta, PreparedClip, TemplateTextGenerator, discover_clips, save_clip_meta,
+)
+from .data.prepare import FPS, ClipLabel, Preparer, PrepareSettings, link_neutral_videos
+from .progressive import Phase, ProgressiveConfig, run_progressive
 from .runner import train
 
 logger = logging.getLogger(__name__)
@@ -149,14 +166,110 @@ def make_synthetic_dataset(root: str | Path, size: int = 64, frames: int = 24, s
     return folders
 
 
+# ---- synthetic talking-head videos ---------------------------------------------------------------
+
+# Each identity's clips carry the source of the data phase they stand in for (progressive training).
+VIDEO_SOURCES = {"id0": "synthetic-mead", "id1": "synthetic-hdtf", "id2": "synthetic-wild"}
+_SENTENCES = (
+    "The weather is lovely today.", "I cannot believe what just happened.", "Please bring me the blue box.",
+    "We will meet again tomorrow morning.", "Nobody told me about the party.", "Look at all these flowers.",
+    "That was the last train home.", "My brother plays the piano.",
+)
+
+
+@dataclass(frozen=True)
+class SyntheticVideo:
+    """A written synthetic video and its label for :meth:`training.data.prepare.Preparer.prepare`."""
+
+    path: Path
+    label: ClipLabel
+
+
+def mouth_openings(waveform: np.ndarray, sample_rate: int, frames: int, fps: int = FPS) -> np.ndarray:
+    """(frames,) mouth opening in [0, 1] per video frame: the RMS loudness of the speech during the frame,
+    relative to the loudest frame (silence: closed)."""
+    per_frame = sample_rate / fps
+    rms = np.zeros(frames, np.float32)
+    for i in range(frames):
+        chunk = waveform[int(i * per_frame):int((i + 1) * per_frame)]
+        rms[i] = float(np.sqrt(np.mean(np.square(chunk)))) if chunk.size else 0.0
+    peak = float(rms.max())
+    return rms / peak if peak > 0 else rms
+
+
+def write_synthetic_video(path: str | Path, sentence: str, size: int, frames: int, skin: tuple[int, int, int],
+                          background: tuple[int, int, int], emotion: str, intensity: int,
+                          phase: float) -> Path:
+    """An MP4 (25 fps, H.264 + AAC) of a cartoon face saying `sentence` (eSpeak NG) with `emotion`."""
+    sample_rate = 16000
+    speech = synthesize_speech(sentence, sample_rate)[: int(frames * sample_rate / FPS)]
+    openings = mouth_openings(speech, sample_rate, frames)
+    images = np.stack([
+        _draw(replace(_face_at(i, size, phase), mouth_open=float(openings[i])), size, skin, background,
+              _EXPRESSION[emotion], intensity)
+        for i in range(frames)])
+    clip = AudioClip(torch.from_numpy(speech.copy())[None], sample_rate)
+    return write_video(path, images, fps=FPS, audio=clip, preset="ultrafast")
+
+
+def make_synthetic_videos(folder: str | Path, size: int = 64, frames: int = 24,
+                          seed: int = 0) -> list[SyntheticVideo]:
+    """Write one talking-head MP4 per clip of the synthetic identities under `folder`, each saying another
+    sentence; returns them with their labels (source per identity: :data:`VIDEO_SOURCES`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    videos = []
+    for identity, clips in _CLIPS:
+        skin = tuple(int(v) for v in rng.integers(120, 240, 3))
+        background = tuple(int(v) for v in rng.integers(0, 90, 3))
+        for emotion, intensity in clips:
+            clip_id = f"{identity}_{emotion}_{intensity}"
+            sentence = _SENTENCES[len(videos) % len(_SENTENCES)]
+            path = write_synthetic_video(folder / f"{clip_id}.mp4", sentence, size, frames, skin, background,
+                                         emotion, intensity, float(rng.uniform(0, 2 * math.pi)))
+            videos.append(SyntheticVideo(path, ClipLabel(clip_id, identity, emotion, intensity,
+                                                         VIDEO_SOURCES[identity])))
+    return videos
+
+
+def prepare_videos(videos: list[SyntheticVideo], out_root: str | Path, model_folder: str | Path,
+                   face_every: int = 2) -> list[PreparedClip]:
+    """Prepare the videos with the model folder's face_analysis and wav2vec2 (clips already prepared under
+    `out_root` are kept, so that a rerun resumes), then link every emotional clip to a neutral one."""
+    out_root, model_folder = Path(out_root), Path(model_folder)
+    preparer = Preparer(FaceAnalyzer.from_folder(model_folder / "face_analysis"),
+                        Wav2Vec2AudioEncoder.from_pretrained(model_folder / "wav2vec2"),
+                        PrepareSettings(face_every=face_every, texts_per_clip=2))
+    for video in videos:
+        if not (out_root / video.label.clip_id / META_FILE).is_file():
+            preparer.prepare(video.path, out_root, video.label)
+    clips = discover_clips([out_root])
+    link_neutral_videos(clips)
+    return discover_clips([out_root])
+
+
 # ---- the smoke run -------------------------------------------------------------------------------
 
 @dataclass
 class SmokeResult:
     stage1_checkpoint: Path
     stage2_checkpoint: Path
-    model_folder: Path  # a complete tiny model folder holding the trained net as emocast.safetensors
-    losses: dict[int, list[float]]
+    phase_checkpoints: list[Path]  # the progressive phases' last checkpoints; the last one is the result
+    model_folder: Path  # a complete tiny model folder holding the final net as emocast.safetensors
+    losses: dict[str, list[float]]  # per run ("stage1", "stage2", "phase 1-generalisation", ...)
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.phase_checkpoints[-1]
+
+
+# (name, sources) of the smoke run's progressive phases: every source, then two, then one.
+SMOKE_PHASES = (
+    ("generalisation", ()),
+    ("emotion-refinement", (VIDEO_SOURCES["id0"], VIDEO_SOURCES["id1"])),
+    ("lip-sync", (VIDEO_SOURCES["id1"],)),
+)
 
 
 def smoke_config(stage: int, out: Path, steps: int, size: int, frames: int) -> StageConfig:
@@ -176,16 +289,41 @@ def smoke_config(stage: int, out: Path, steps: int, size: int, frames: int) -> S
     }, where=f"smoke stage {stage}")
 
 
-def run_smoke(out: str | Path, steps: int = 3, size: int = 64, frames: int = 6) -> SmokeResult:
-    """Tiny models + synthetic data, `steps` steps of stage 1 then stage 2, final checkpoint checked
-    against the tiny layout and installed as `out/models/emocast.safetensors`."""
+def smoke_progressive_config(out: Path, start: Path, steps: int, size: int, frames: int) -> ProgressiveConfig:
+    """The three smoke phases, `steps` each, continuing from the stage-2 checkpoint `start`; the base
+    stage-2 YAML is written to `out/progressive/stage2.yaml`."""
+    base = smoke_config(2, out, steps, size, frames)
+    base.model.init_checkpoint = str(start)
+    base_file = out / "progressive" / "stage2.yaml"
+    base_file.parent.mkdir(parents=True, exist_ok=True)
+    base_file.write_text(yaml.safe_dump(base.to_dict(), sort_keys=False), encoding="utf-8")
+    config = ProgressiveConfig(str(base_file), str(out / "progressive"),
+                               [Phase(name, steps, sources=list(sources)) for name, sources in SMOKE_PHASES])
+    config.validate()
+    return config
+
+
+def run_smoke(out: str | Path, steps: int = 3, size: int = 64, frames: int = 6,
+              phase_steps: int = 2) -> SmokeResult:
+    """The whole chain on tiny models: synthetic talking-head videos -> prepared clips -> `steps` steps of
+    stage 1 and of stage 2 -> three progressive phases of `phase_steps` steps. The final checkpoint is
+    checked against the tiny layout and installed as `out/models/emocast.safetensors`. Rerunning with the
+    same `out` resumes: prepared clips are kept and finished runs are skipped."""
     out = Path(out)
     models = write_tiny_models(out / "models")
-    make_synthetic_dataset(out / "data", size=size, frames=max(24, frames + 8))
+    videos = make_synthetic_videos(out / "videos", size=size, frames=max(24, frames + 8))
+    clips = prepare_videos(videos, out / "data", models)
+    logger.info("smoke run: %d videos prepared into %s", len(clips), out / "data")
     first = train(smoke_config(1, out, steps, size, frames))
     second = train(smoke_config(2, out, steps, size, frames))
-    check_layout(second.checkpoint, read_layout(second.checkpoint), NetConfig.tiny())
-    load_net(second.checkpoint)  # the inference loader takes it as it is
-    shutil.copyfile(second.checkpoint, models / "emocast.safetensors")
+    progressive = smoke_progressive_config(out, second.checkpoint, phase_steps, size, frames)
+    phases = run_progressive(progressive)
+    final = phases[-1].checkpoint
+    check_layout(final, read_layout(final), NetConfig.tiny())
+    load_net(final)  # the inference loader takes it as it is
+    shutil.copyfile(final, models / "emocast.safetensors")
     logger.info("smoke run done: %s", models / "emocast.safetensors")
-    return SmokeResult(first.checkpoint, second.checkpoint, models, {1: first.losses, 2: second.losses})
+    losses = {"stage1": first.losses, "stage2": second.losses}
+    for index, (phase, result) in enumerate(zip(progressive.phases, phases), start=1):
+        losses[f"phase {index}-{phase.name}"] = result.losses
+    return SmokeResult(first.checkpoint, second.checkpoint, [r.checkpoint for r in phases], models, losses)

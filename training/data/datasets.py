@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from emocast_core.preprocess.face_masks import resize_mask_levels
 
@@ -92,6 +92,29 @@ def pick_text(meta: ClipMeta, bank: EmotiveTextBank, rng: random.Random) -> str:
     if meta.texts:
         return rng.choice(meta.texts)
     return bank.sample(meta.emotion, meta.intensity, rng)[0]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation of the dataset per epoch, drawn from ``seed + epoch`` alone: every process of a
+    multi-GPU run sees the same order (accelerate shards its batches), and a resumed run can rebuild the
+    order of any epoch without replaying the ones before it."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        if length < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
 # ---- emotion-aware pairing -----------------------------------------------------------------------
@@ -209,14 +232,14 @@ class Stage1Dataset(Dataset):
         self.text_bank = text_bank or EmotiveTextBank()
         self.sampler = EmotionAwarePairSampler([c.meta for c in self.clips], sample_margin, emotion_aware)
         self._frames = [clip.frame_paths() for clip in self.clips]
-        self._calls = 0
+        self.draws = 0  # items drawn so far (part of the seed of each draw; restored on resume)
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict:
-        self._calls += 1
-        rng = _item_rng(self.seed, index, self._calls)
+        self.draws += 1
+        rng = _item_rng(self.seed, index, self.draws)
         draw = self.sampler.draw(index, rng)
         target = self.clips[draw.target_clip]
         reference = self.clips[draw.reference_clip]
@@ -288,7 +311,7 @@ class Stage2Dataset(Dataset):
         if not self.clips:
             raise ValueError("stage 2: no clip is long enough for the configured frames / motion frames / "
                              "audio margin")
-        self._calls = 0
+        self.draws = 0  # items drawn so far (part of the seed of each draw; restored on resume)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -300,8 +323,8 @@ class Stage2Dataset(Dataset):
         return ClipWindow(start, rng.randrange(self.clips[index].meta.num_frames))
 
     def __getitem__(self, index: int) -> dict:
-        self._calls += 1
-        rng = _item_rng(self.seed, index, self._calls)
+        self.draws += 1
+        rng = _item_rng(self.seed, index, self.draws)
         clip = self.clips[index]
         window = self.window(index, rng)
         paths = self._frames[index]
