@@ -698,6 +698,25 @@ def test_prepare_writes_a_clip_the_datasets_read(preparer, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["w1_happy", "w1_x"]  # nothing partial left behind
 
 
+def test_prepare_all_resumes_and_skips_bad_videos(preparer, tmp_path):
+    from training.data.prepare import prepare_all
+
+    good = _talking_video(tmp_path / "good.mp4")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"not a video at all")
+    blank = _talking_video(tmp_path / "blank.mp4", blank=True)
+    root = tmp_path / "prepared"
+    jobs = [(corrupt, ClipLabel("c", "w1", "sad")), (good, ClipLabel("g", "w1", "happy")),
+            (blank, ClipLabel("b", "w1", "angry"))]
+    report = prepare_all(preparer, jobs, root)
+    assert [c.meta.clip_id for c in report.prepared] == ["g"]
+    assert [v.name for v, _ in report.failed] == ["corrupt.mp4", "blank.mp4"]
+    assert "no face in frame 0" in report.failed[1][1] and "corrupt.mp4" in report.summary()
+    again = prepare_all(preparer, jobs, root)  # a rerun keeps what is done and retries only the failures
+    assert again.already == 1 and again.prepared == [] and len(again.failed) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["g"]
+
+
 def test_link_neutral_videos_rewrites_the_emotional_clips(tmp_path):
     for meta in (_meta("a_hap", "a", "happy"), _meta("a_neu2", "a", "neutral"), _meta("a_neu1", "a", "neutral"),
                  _meta("b_sad", "b", "sad"), _meta("a_ang", "a", "angry", neutral_video="a_neu2")):

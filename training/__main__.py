@@ -56,7 +56,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from emocast_core.preprocess.face import FaceAnalyzer
 
     from .data.metadata import discover_clips
-    from .data.prepare import ClipLabel, Preparer, PrepareSettings, link_neutral_videos, parse_mead_path
+    from .data.prepare import (ClipLabel, Preparer, PrepareSettings, link_neutral_videos, parse_mead_path,
+                               prepare_all)
 
     if not args.mead and ((args.identity is None) == (not args.identity_per_video) or args.emotion is None):
         raise ValueError("give --mead (labels from MEAD paths), or --emotion with either --identity or "
@@ -64,15 +65,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
     preparer = Preparer(FaceAnalyzer.from_folder(args.models / "face_analysis"),
                         Wav2Vec2AudioEncoder.from_pretrained(args.models / "wav2vec2"),
                         PrepareSettings(face_every=args.face_every))
-    skipped = 0
-    for video in args.videos:
-        label = parse_mead_path(video) if args.mead else ClipLabel(
-            video.stem, video.stem if args.identity_per_video else args.identity, args.emotion, args.intensity,
-            args.source)
-        skipped += preparer.prepare(video, args.out, label) is None
+    jobs = [(video, parse_mead_path(video) if args.mead else ClipLabel(
+        video.stem, video.stem if args.identity_per_video else args.identity, args.emotion, args.intensity,
+        args.source)) for video in args.videos]
+    report = prepare_all(preparer, jobs, args.out)
     linked = link_neutral_videos(discover_clips([args.out]))
-    print(f"prepared {len(args.videos) - skipped} video(s) into {args.out} ({skipped} skipped); linked {linked} "
-          "emotional clip(s) to a neutral video of their identity")
+    print(f"{report.summary()}\nlinked {linked} emotional clip(s) to a neutral video of their identity")
     return 0
 
 

@@ -38,9 +38,9 @@ from emocast_core.video import write_video
 
 from .config import StageConfig, config_from_dict
 from .data.metadata import (
-    META_FILE, ClipMeta, PreparedClip, TemplateTextGenerator, discover_clips, save_clip_meta,
+    ClipMeta, PreparedClip, TemplateTextGenerator, discover_clips, save_clip_meta,
 )
-from .data.prepare import FPS, ClipLabel, Preparer, PrepareSettings, link_neutral_videos
+from .data.prepare import FPS, ClipLabel, Preparer, PrepareSettings, link_neutral_videos, prepare_all
 from .progressive import Phase, ProgressiveConfig, run_progressive
 from .runner import train
 
@@ -241,9 +241,9 @@ def prepare_videos(videos: list[SyntheticVideo], out_root: str | Path, model_fol
     preparer = Preparer(FaceAnalyzer.from_folder(model_folder / "face_analysis"),
                         Wav2Vec2AudioEncoder.from_pretrained(model_folder / "wav2vec2"),
                         PrepareSettings(face_every=face_every, texts_per_clip=2))
-    for video in videos:
-        if not (out_root / video.label.clip_id / META_FILE).is_file():
-            preparer.prepare(video.path, out_root, video.label)
+    report = prepare_all(preparer, [(video.path, video.label) for video in videos], out_root)
+    if report.failed:
+        raise RuntimeError(f"the synthetic videos should all prepare:\n{report.summary()}")
     clips = discover_clips([out_root])
     link_neutral_videos(clips)
     return discover_clips([out_root])

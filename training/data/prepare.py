@@ -206,6 +206,43 @@ def _write_clip(folder: Path, meta: ClipMeta, frames: np.ndarray, face_rect: Rec
     save_clip_meta(meta, folder)
 
 
+@dataclass
+class PrepareReport:
+    prepared: list[PreparedClip] = field(default_factory=list)
+    already: int = 0  # prepared by an earlier run: kept as they are
+    rejected: int = 0  # by the lip-sync filter
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (video, why): corrupt, no face, no audio ...
+
+    def summary(self) -> str:
+        lines = [f"prepared {len(self.prepared)} video(s), kept {self.already} already prepared, "
+                 f"{self.rejected} rejected by the lip-sync filter, {len(self.failed)} failed"]
+        lines += [f"  failed: {video}: {why}" for video, why in self.failed]
+        return "\n".join(lines)
+
+
+def prepare_all(preparer: Preparer, jobs: Iterable[tuple[str | Path, ClipLabel]],
+                out_root: str | Path) -> PrepareReport:
+    """Prepare many videos, resumably: clips already under `out_root` are kept, and a video that cannot be
+    prepared (corrupt file, no face, no audio, ...) is reported and skipped instead of stopping the run."""
+    out_root = Path(out_root)
+    report = PrepareReport()
+    for video, label in jobs:
+        if (out_root / label.clip_id / META_FILE).is_file():
+            report.already += 1
+            continue
+        try:
+            clip = preparer.prepare(video, out_root, label)
+        except (ValueError, OSError, RuntimeError) as exc:
+            logger.warning("skipping %s: %s", video, exc)
+            report.failed.append((Path(video), str(exc)))
+            continue
+        if clip is None:
+            report.rejected += 1
+        else:
+            report.prepared.append(clip)
+    return report
+
+
 def link_neutral_videos(clips: Sequence[PreparedClip]) -> int:
     """Give every emotional clip without a `neutral_video` the first neutral clip (by id) of its
     identity, rewriting its meta.json; returns how many were linked."""
