@@ -24,6 +24,7 @@ from .preprocess.audio import AudioClip, VocalSeparator
 from .preprocess.audio_features import Wav2Vec2AudioEncoder
 from .preprocess.face import FaceAnalyzer
 from .preprocess.vocal_separation import find_separator
+from .single_file import load_clip_text_file, load_vae_file, load_wav2vec2_file
 from .sampling import GenerationCancelled, Progress, SamplingSettings, iter_clips
 from .scheduler import make_scheduler
 
@@ -87,10 +88,19 @@ class EmoCASTModels:
         dtype = resolve_dtype(dtype, device)
         net = load_net(paths.net, paths.config, device=device, dtype=dtype)
         net.requires_grad_(False)
-        vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
+        if paths.vae_file is not None:
+            vae = load_vae_file(paths.vae_file, dtype=dtype).to(device)
+        else:
+            vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
         vae.requires_grad_(False)
-        text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
-        audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
+        if paths.clip_file is not None:
+            text = load_clip_text_file(paths.clip_file, paths.tokenizer_dir, device=device, dtype=dtype)
+        else:
+            text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
+        if paths.wav2vec2_file is not None:
+            audio = load_wav2vec2_file(paths.wav2vec2_file, device=device)
+        else:
+            audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
         providers = onnx_providers(device)
         face = FaceAnalyzer.from_folder(paths.face_analysis, providers=providers)
         separator = find_separator(paths.root, providers=providers)

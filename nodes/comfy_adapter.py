@@ -74,6 +74,38 @@ def model_roots() -> list[Path]:
     return unique
 
 
+def comfy_model_files(folder_key: str) -> list[str]:
+    """The files ComfyUI lists for one of its model folders (``vae``, ``text_encoders``, ...); [] without
+    ComfyUI or when that ComfyUI has no such folder."""
+    folder_paths = _comfy_module("folder_paths")
+    if folder_paths is None or folder_key not in folder_paths.folder_names_and_paths:
+        return []
+    return list(folder_paths.get_filename_list(folder_key))
+
+
+def comfy_model_file(folder_key: str, name: str) -> Path:
+    """The full path of a file listed by `comfy_model_files`, or an error saying where it was looked for."""
+    folder_paths = _comfy_module("folder_paths")
+    found = None
+    if folder_paths is not None and folder_key in folder_paths.folder_names_and_paths:
+        found = folder_paths.get_full_path(folder_key, name)
+    if found is None:
+        raise FileNotFoundError(f"{name!r} is not in ComfyUI's models/{folder_key} folder"
+                                f"{'' if folder_paths is not None else ' (ComfyUI is not running)'}; refresh the "
+                                "page (R) to update the list")
+    return Path(found)
+
+
+def comfy_clip_tokenizer() -> Path | None:
+    """The CLIP-L tokenizer folder ComfyUI ships (``comfy/sd1_tokenizer``); None without it."""
+    comfy = _comfy_module("comfy")
+    location = getattr(comfy, "__file__", None)
+    if location is None:
+        return None
+    folder = Path(location).resolve().parent / "sd1_tokenizer"
+    return folder if (folder / "vocab.json").is_file() else None
+
+
 def make_progress(total: int) -> Callable[[int], None]:
     """A callback taking the number of steps done so far (ComfyUI's progress bar on the running node)."""
     utils = _comfy_module("comfy.utils")

@@ -11,6 +11,7 @@ from .model_cache import MODEL_CACHE, LoadSpec, ModelHandle
 CATEGORY = "EmoCAST"
 NET_SUFFIXES = (".safetensors", ".pth", ".pt")
 NO_MODELS = "no EmoCAST models found (see the node's description)"
+FROM_FOLDER = "(from the EmoCAST folder)"
 PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -61,11 +62,31 @@ def resolve_choice(choice: str) -> Path:
                             "refresh the page (R)")
 
 
+def shared_file_choices(folder_key: str) -> list[str]:
+    """A dropdown of the files in one of ComfyUI's own model folders, after the EmoCAST folder's default."""
+    return [FROM_FOLDER] + comfy_adapter.comfy_model_files(folder_key)
+
+
+def shared_file(folder_key: str, choice: str) -> Path | None:
+    """The file a shared-folder dropdown names; None for the EmoCAST folder's own sub-folder."""
+    if choice == FROM_FOLDER:
+        return None
+    return comfy_adapter.comfy_model_file(folder_key, choice).resolve()
+
+
+def shared_choice_input(folder_key: str, what: str) -> tuple[list[str], dict[str, str]]:
+    return (shared_file_choices(folder_key), {
+        "default": FROM_FOLDER, "tooltip": f"Optional: reuse {what} from ComfyUI's models/{folder_key} folder "
+                                           f"instead of the EmoCAST folder's own copy."})
+
+
 class EmoCASTLoader:
     DESCRIPTION = (
         "Loads the EmoCAST networks, VAE, CLIP text encoder, wav2vec2 and insightface face models from one "
         f"model folder: {LAYOUT}. More locations: add an 'emocast' entry to extra_model_paths.yaml or set "
-        f"${comfy_adapter.MODELS_DIR_ENV}. Loaded models are kept between runs (one model at a time) until the "
+        f"${comfy_adapter.MODELS_DIR_ENV}. The VAE, CLIP-L text encoder and wav2vec2 can instead come from "
+        "ComfyUI's own models/vae, models/text_encoders and models/audio_encoders folders (the optional inputs), "
+        "and then that sub-folder is not needed. Loaded models are kept between runs (one model at a time) until the "
         "'EmoCAST Unload Models' node frees them; ComfyUI's memory management moves them off the GPU when it needs "
         "room (or on 'Unload Models') and the next run brings them back.")
     CATEGORY = CATEGORY
@@ -87,15 +108,28 @@ class EmoCASTLoader:
             "offload": ("BOOLEAN", {"default": False, "label_on": "offload to CPU", "label_off": "keep on device",
                                     "tooltip": "Low memory: keep the weights in CPU RAM and move each part to the "
                                                "device only while it runs (slower)."}),
+        }, "optional": {
+            "vae": shared_choice_input("vae", "the SD1.5 VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors)"),
+            "clip": shared_choice_input("text_encoders", "the CLIP-L text encoder (clip_l.safetensors; the "
+                                                         "tokenizer is ComfyUI's own)"),
+            "audio_encoder": shared_choice_input("audio_encoders", "wav2vec2-base (960h, the English model "
+                                                                   "EmoCAST was trained with)"),
         }}
 
-    def load(self, model: str, precision: str = "auto", device: str = "auto",
-             offload: bool = False) -> tuple[ModelHandle]:
+    def load(self, model: str, precision: str = "auto", device: str = "auto", offload: bool = False,
+             vae: str = FROM_FOLDER, clip: str = FROM_FOLDER,
+             audio_encoder: str = FROM_FOLDER) -> tuple[ModelHandle]:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        handle = ModelHandle(LoadSpec(resolve_choice(model).resolve(), precision, device, bool(offload)), MODEL_CACHE)
+        net = resolve_choice(model).resolve()
+        clip_file = shared_file("text_encoders", clip)
+        spec = LoadSpec(net, precision, device, bool(offload), vae_file=shared_file("vae", vae), clip_file=clip_file,
+                        # the tokenizer ComfyUI ships; without it (None) the model folder's clip/
+                        tokenizer_dir=comfy_adapter.comfy_clip_tokenizer() if clip_file else None,
+                        wav2vec2_file=shared_file("audio_encoders", audio_encoder))
+        handle = ModelHandle(spec, MODEL_CACHE)
         handle.models()  # load now, so that file errors show on this node
         return (handle,)
 

@@ -46,6 +46,10 @@ class LoadSpec:
     precision: str = "auto"  # auto / fp32 / fp16 / bf16
     device: str = "auto"  # auto (ComfyUI's device, else CUDA when available) / cpu / cuda
     offload: bool = False  # keep the weights on the CPU and move each part to the device only while it runs
+    vae_file: Path | None = None  # single files (ComfyUI's own model folders) used instead of vae/, clip/, wav2vec2/
+    clip_file: Path | None = None
+    tokenizer_dir: Path | None = None  # the tokenizer for clip_file (None: the model folder's clip/)
+    wav2vec2_file: Path | None = None
 
 
 @dataclass
@@ -76,13 +80,15 @@ def load_models(spec: LoadSpec) -> LoadedModels:
         # ComfyUI matches loaded models to its device with ==, and cuda != cuda:0
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(spec.precision, device)
-    paths = ModelPaths.resolve(spec.net.parent, net=spec.net)
+    paths = ModelPaths.resolve(spec.net.parent, net=spec.net, vae_file=spec.vae_file, clip_file=spec.clip_file,
+                               tokenizer_dir=spec.tokenizer_dir, wav2vec2_file=spec.wav2vec2_file)
     log.info("loading EmoCAST models from %s (%s on %s%s)", spec.net, str(dtype).removeprefix("torch."), device,
              ", offloaded to the CPU between uses" if spec.offload else "")
     if spec.offload:
         models = replace(EmoCASTModels.load(paths, device="cpu", dtype=dtype), device=device)
     else:
-        comfy_adapter.make_room(_folder_bytes(spec.net.parent), device)
+        files = [f for f in (spec.vae_file, spec.clip_file, spec.wav2vec2_file) if f is not None]
+        comfy_adapter.make_room(_folder_bytes(spec.net.parent) + sum(os.path.getsize(f) for f in files), device)
         models = EmoCASTModels.load(paths, device=device, dtype=dtype)
     patchers = comfy_adapter.manage_models(part_modules(models), device)
     if patchers is not None and not spec.offload:

@@ -163,7 +163,7 @@ def test_workflow_is_a_valid_graph(path, node_specs):
 def test_low_memory_workflow_uses_the_low_memory_settings():
     data = json.loads((ROOT / "workflows" / "emocast_long_audio_low_memory.json").read_text())
     by_type = {n["type"]: n for n in data["nodes"]}
-    model, precision, device, offload = by_type["EmoCASTLoader"]["widgets_values"]
+    model, precision, device, offload, *_shared = by_type["EmoCASTLoader"]["widgets_values"]
     assert precision == "fp16" and offload is True
     assert by_type["EmoCASTSampler"]["widgets_values"][-1] == 1  # decode_batch
     assert "EmoCASTUnloadModels" in by_type
