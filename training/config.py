@@ -130,15 +130,20 @@ class StageConfig:
 
 # ---- loading -------------------------------------------------------------------------------------
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed YAML file; errors say which file and what is wrong with it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+
+
 def load_stage_config(path: str | Path, overrides: Sequence[str] = ()) -> StageConfig:
     """Read a stage YAML file, apply ``section.key=value`` overrides, check and return it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training config {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, "training config")
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(apply_overrides(dict(data), overrides), where=str(path))

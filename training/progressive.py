@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from .config import StageConfig, build_dataclass, load_stage_config
+from .config import StageConfig, build_dataclass, load_stage_config, read_yaml
 from .runner import TrainingResult, finished_run, train
 
 logger = logging.getLogger(__name__)
@@ -57,12 +56,7 @@ class ProgressiveConfig:
 
 def load_progressive_config(path: str | Path) -> ProgressiveConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"progressive config {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, "progressive config")
     config = build_dataclass(ProgressiveConfig, data or {}, str(path))
     config.validate()
     return config
