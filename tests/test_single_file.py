@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_nodes import fake_comfy, node, portrait, speech  # noqa: F401  (fixtures reused)
+from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtures)
 
-from emocast_pack.emocast_core import single_file  # noqa: E402  (the pack is loaded by test_nodes)
+from emocast_pack.emocast_core import single_file  # noqa: E402  (the pack is loaded by comfy_stubs)
 from emocast_pack.emocast_core.emotion import EmotionTextEncoder
 from emocast_pack.emocast_core.model_paths import ModelPaths
 from emocast_pack.emocast_core.pipeline import EmoCASTModels
