@@ -49,7 +49,7 @@ from training.runner import load_stage1_weights, save_checkpoint, select_clips, 
 from training.smoke import make_synthetic_dataset, smoke_config  # noqa: E402
 from training.stages import (  # noqa: E402
     Dropouts, Stage1Settings, Stage2Settings, TrainingModels, configure_trainable, draw_stage1_dropouts,
-    draw_stage2_dropouts, reference_pairing, stage1_net_config, stage1_step, stage2_step,
+    draw_stage2_dropouts, stage1_net_config, stage1_step, stage2_step,
     trainable_parameter_names,
 )
 from torch.utils.data import default_collate  # noqa: E402
@@ -336,13 +336,16 @@ def test_dropout_rates_are_the_configured_probabilities():
 
 
 def test_reference_pairing_is_per_sample():
-    assert reference_pairing(range(3), [True] * 3, 4, 2) == ReferencePairing.per_sample(3, 4, 2)
-    pairing = reference_pairing([1, 2], [False, True, True], frames=2, motion_frames=0)
+    assert ReferencePairing.for_samples([True] * 3, 4, 2) == ReferencePairing.per_sample(3, 4, 2)
+    assert ReferencePairing.per_sample(3, 4, 2).reference_rows == (0,) * 4 + (3,) * 4 + (6,) * 4
+    pairing = ReferencePairing.for_samples([False, True, True], frames=2, motion_frames=0, bank_samples=[1, 2])
     assert pairing.reference_rows == (-1, -1, 0, 0, 1, 1)
-    pairing = reference_pairing(range(2), [False, True], frames=2, motion_frames=2)
+    pairing = ReferencePairing.for_samples([False, True], frames=2, motion_frames=2)
     assert pairing.reference_rows == (-1, -1, 3, 3) and pairing.motion_rows == ((1, 2), (4, 5))
     with pytest.raises(ValueError, match="every sample needs its group"):
-        reference_pairing([1], [False, True], frames=1, motion_frames=2)
+        ReferencePairing.for_samples([False, True], frames=1, motion_frames=2, bank_samples=[1])
+    with pytest.raises(ValueError, match="sample 1 should attend to its reference but is not in the bank"):
+        ReferencePairing.for_samples([False, True], frames=1, motion_frames=0, bank_samples=[0])
 
 
 class _Capture:

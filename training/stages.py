@@ -134,26 +134,6 @@ def draw_stage2_dropouts(batch: int, settings: Stage2Settings, generator: torch.
                     start=_bernoulli(batch, settings.start_ratio, generator, device))
 
 
-def reference_pairing(bank_samples: Sequence[int], attend: Sequence[bool], frames: int,
-                      motion_frames: int) -> ReferencePairing:
-    """Pairing for a bank holding `[ref, m1..mM]` of each sample in `bank_samples`, in that order.
-
-    Every frame of sample b reads its own reference when `attend[b]`, else plain self-attention; its
-    motion prefix is its own motion frames (so with motion frames every sample must be in the bank)."""
-    group = 1 + motion_frames
-    slot = {b: k for k, b in enumerate(bank_samples)}
-    rows: list[int] = []
-    for b, wanted in enumerate(attend):
-        if wanted and b not in slot:
-            raise ValueError(f"sample {b} should attend to its reference but is not in the bank")
-        rows += [slot[b] * group if wanted else -1] * frames
-    if motion_frames and len(slot) != len(attend):
-        raise ValueError("with motion frames every sample needs its group in the reference bank")
-    motion = tuple(tuple(slot[b] * group + 1 + m for m in range(motion_frames)) if b in slot else ()
-                   for b in range(len(attend)))
-    return ReferencePairing(tuple(rows), motion)
-
-
 # ---- shared pieces -------------------------------------------------------------------------------
 
 @dataclass
@@ -255,7 +235,8 @@ def stage1_step(models: TrainingModels, batch: Mapping, settings: Stage1Settings
         references = models.encode_images(_batch_tensor(batch, "reference", models)[kept], generator)
         with _grad_if_trainable(net.reference_unet):
             bank = net.reference_unet(references, context[kept], 0)
-        reader = ReferenceReader(bank, reference_pairing(kept, keep.tolist(), frames=1, motion_frames=0))
+        pairing = ReferencePairing.for_samples(keep.tolist(), frames=1, motion_frames=0, bank_samples=kept)
+        reader = ReferenceReader(bank, pairing)
 
     targets = _noise_and_targets(models, latents, settings.noise_offset, settings.snr_gamma, generator)
     prediction = net.denoising_unet(targets.noisy, targets.timesteps, context, FrameConditioning(),
@@ -304,7 +285,7 @@ def stage2_step(models: TrainingModels, batch: Mapping, settings: Stage2Settings
     with _grad_if_trainable(net.reference_unet):
         bank = net.reference_unet(ref_latents, context.repeat_interleave(1 + m, 0), 0)
     attend = (~drops.image).tolist()
-    reader = ReferenceReader(bank, reference_pairing(range(b), attend, frames, m))
+    reader = ReferenceReader(bank, ReferencePairing.for_samples(attend, frames, m))
 
     audio = net.audioproj(_batch_tensor(batch, "audio", models))  # (B, F, tokens, D)
     audio = audio * (~drops.audio.to(models.device))[:, None, None, None].to(audio.dtype)

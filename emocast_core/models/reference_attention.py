@@ -11,7 +11,7 @@ reproduces it and `per_sample` is the plain pairing for training batches.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +45,29 @@ class ReferencePairing:
     @classmethod
     def per_sample(cls, batch: int, frames: int, motion_frames: int) -> "ReferencePairing":
         """Bank laid out `[ref_b, m1_b, ..]` per sample; every frame of sample b reads ref_b."""
+        return cls.for_samples([True] * batch, frames, motion_frames)
+
+    @classmethod
+    def for_samples(cls, attend: Sequence[bool], frames: int, motion_frames: int,
+                    bank_samples: Sequence[int] | None = None) -> "ReferencePairing":
+        """Bank holding `[ref, m1..mM]` of each sample in `bank_samples` (default: all), in that order.
+
+        Every frame of sample b reads its own reference when `attend[b]`, else plain self-attention (a
+        training sample whose reference is dropped); its motion prefix is its own motion frames, so with
+        motion frames every sample must be in the bank."""
+        bank_samples = range(len(attend)) if bank_samples is None else bank_samples
         group = 1 + motion_frames
-        refs = [b * group for b in range(batch) for _ in range(frames)]
-        motion = tuple(tuple(b * group + 1 + m for m in range(motion_frames)) for b in range(batch))
-        return cls(tuple(refs), motion)
+        slot = {b: k for k, b in enumerate(bank_samples)}
+        rows: list[int] = []
+        for b, wanted in enumerate(attend):
+            if wanted and b not in slot:
+                raise ValueError(f"sample {b} should attend to its reference but is not in the bank")
+            rows += [slot[b] * group if wanted else -1] * frames
+        if motion_frames and len(slot) != len(attend):
+            raise ValueError("with motion frames every sample needs its group in the reference bank")
+        motion = tuple(tuple(slot[b] * group + 1 + m for m in range(motion_frames)) if b in slot else ()
+                       for b in range(len(attend)))
+        return cls(tuple(rows), motion)
 
 
 @dataclass
