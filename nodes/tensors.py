@@ -66,10 +66,9 @@ def clip_to_audio(clip: AudioClip) -> dict[str, Any]:
 
 def rect_mask(rect: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """MASK [1, size, size]: 1 inside the (x0, y0, x1, y1) end-exclusive rectangle."""
-    mask = torch.zeros(1, size, size)
-    x0, y0, x1, y1 = (max(0, min(size, int(v))) for v in rect)
-    mask[:, y0:y1, x0:x1] = 1.0
-    return mask
+    from ..emocast_core.preprocess.face_masks import rect_mask as rect_image
+
+    return torch.from_numpy(rect_image(rect, size, size)).float()[None] / 255
 
 
 def level_mask(level: torch.Tensor, size: int) -> torch.Tensor:
