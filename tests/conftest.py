@@ -1,18 +1,16 @@
-"""Shared test fixtures: where the reference material lives."""
+"""Shared test helpers: the repository's paths and importing the pack as ComfyUI does."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-# CI clones the repository next to a copy of shared/, exactly as in a developer checkout.
-SHARED = Path(os.environ.get("EMOCAST_SHARED", ROOT.parent / "shared"))
-REFERENCE = SHARED / "reference"
+# Everything the tests read lives in the repository (see tests/fixtures/README.md).
+FIXTURES = ROOT / "tests" / "fixtures"
+# The core node types the shipped workflows use, as ComfyUI 0.3.64 reports them in /object_info.
+CORE_NODE_SPEC = FIXTURES / "comfyui" / "object_info_core_subset.json"
 PACK = "emocast_pack"
 
 
@@ -25,10 +23,3 @@ def load_pack(name: str = PACK) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="session")
-def reference_dir() -> Path:
-    if not REFERENCE.is_dir():
-        raise FileNotFoundError(f"reference material not found at {REFERENCE}; set EMOCAST_SHARED")
-    return REFERENCE

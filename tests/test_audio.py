@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchaudio.functional as AF
 
+from conftest import FIXTURES
 from emocast_core.preprocess.audio import AudioClip, frame_count, load_audio, to_mono_16k
 from emocast_core.preprocess.audio_features import AudioFeatures, Wav2Vec2AudioEncoder, extract_audio_features
 from emocast_core.testing.speech import synthesize_speech
@@ -21,8 +22,8 @@ SPEECH_TEXT = "Hello, this is a short test of the audio path. The portrait shoul
 
 
 @pytest.fixture(scope="module")
-def parity_dir(reference_dir: Path) -> Path:
-    return reference_dir / "parity_audio"
+def parity_dir() -> Path:
+    return FIXTURES / "parity_audio"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
 from emocast_core import checkpoints as ck
 from emocast_core.__main__ import main as cli_main
 from emocast_core.config import NetConfig
@@ -24,14 +25,14 @@ MOTION = ".motion_modules."
 
 # ---- fixtures ------------------------------------------------------------------------------------
 
-def _manifest(reference_dir: Path, name: str) -> dict[str, tuple[int, ...]]:
-    data = json.loads((reference_dir / name).read_text())
+def _manifest(name: str) -> dict[str, tuple[int, ...]]:
+    data = json.loads((FIXTURES / "manifests" / name).read_text())
     return {k: tuple(v) for k, v in data["keys"].items()}
 
 
 @pytest.fixture(scope="module")
-def full_keys(reference_dir: Path) -> dict[str, tuple[int, ...]]:
-    return _manifest(reference_dir, "official_net_keys.json")
+def full_keys() -> dict[str, tuple[int, ...]]:
+    return _manifest("official_net_keys.json")
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +157,8 @@ def test_truncated_safetensors_is_rejected_from_the_header(tmp_path, full_keys):
 
 # ---- tiny networks: strict loading, conversion ----------------------------------------------------
 
-def test_expected_layout_is_the_official_tiny_layout(reference_dir, tiny):
-    assert ck.expected_layout(tiny) == _manifest(reference_dir, "official_net_keys_tiny.json")
+def test_expected_layout_is_the_official_tiny_layout(tiny):
+    assert ck.expected_layout(tiny) == _manifest("official_net_keys_tiny.json")
 
 
 def test_pth_loads_strictly_with_buffers_from_the_file(tiny_pth, tiny_state, tiny):

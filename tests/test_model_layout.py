@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from conftest import FIXTURES
 from emocast_core.config import NetConfig
 from emocast_core.models.net import PREFIXES, build_net
 
@@ -17,8 +18,8 @@ def _layout(net: torch.nn.Module) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("name, manifest", [("full", "official_net_keys.json"),
                                             ("tiny", "official_net_keys_tiny.json")])
-def test_layout_equals_official_manifest(reference_dir, name, manifest):
-    official = json.loads((reference_dir / manifest).read_text())
+def test_layout_equals_official_manifest(name, manifest):
+    official = json.loads((FIXTURES / "manifests" / manifest).read_text())
     net = build_net(NetConfig.builtin(name), device="meta")
     ours = _layout(net)
     assert sorted(set(official["keys"]) - set(ours)) == []
@@ -70,8 +71,8 @@ def test_config_round_trip(tmp_path):
     assert NetConfig.from_json(tmp_path / "c.json") == cfg
 
 
-def test_unsupported_config_is_refused(reference_dir):
-    data = json.loads((reference_dir / "tiny_config.json").read_text())
+def test_unsupported_config_is_refused():
+    data = NetConfig.tiny().to_dict()
     data["unet_additional_kwargs"]["unet_use_temporal_attention"] = True
     with pytest.raises(ValueError, match="unet_use_temporal_attention"):
         NetConfig.from_dict(data)

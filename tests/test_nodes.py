@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtures)
-from conftest import PACK, ROOT, load_pack
+from conftest import CORE_NODE_SPEC, PACK, ROOT, load_pack
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
 
@@ -87,13 +87,13 @@ def test_node_metadata():
         assert list(params)[1:] == list(inputs), node_id
 
 
-def test_sampler_defaults_and_outputs_fit_create_video(reference_dir):
+def test_sampler_defaults_and_outputs_fit_create_video():
     required = NODES["EmoCASTSampler"].INPUT_TYPES()["required"]
     defaults = {k: v[1].get("default") for k, v in required.items()}
     assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (40, 3.5, 42)
     assert defaults["pose_weight"] == defaults["face_weight"] == defaults["lip_weight"] == 1.0
     assert NODES["EmoCASTAudio"].INPUT_TYPES()["required"]["clip_length"][1]["default"] == 16
-    core = json.loads((reference_dir.parent / "comfyui" / "object_info_core.json").read_text())["CreateVideo"]
+    core = json.loads(CORE_NODE_SPEC.read_text())["CreateVideo"]
     create_inputs = {**core["input"]["required"], **core["input"]["optional"]}
     sampler = NODES["EmoCASTSampler"]
     outputs = dict(zip(sampler.RETURN_NAMES, sampler.RETURN_TYPES))

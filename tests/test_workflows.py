@@ -1,6 +1,7 @@
 """The example workflows in workflows/: valid UI-format graphs of known nodes with valid links and widget values.
 
-Core nodes are checked against the live `/object_info` of ComfyUI 0.3.64 (shared/comfyui/object_info_core.json),
+Core nodes are checked against the `/object_info` of ComfyUI 0.3.64 (the node types the workflows use, in
+tests/fixtures/comfyui/),
 our nodes against their own INPUT_TYPES; the loader's model list comes from a model folder made for the test.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_pack
+from conftest import CORE_NODE_SPEC, ROOT, load_pack
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 NOTE_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes: no backend class, one text widget
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
@@ -31,8 +32,8 @@ def _object_info(cls: type) -> dict:
 
 
 @pytest.fixture(scope="module")
-def node_specs(reference_dir, tmp_path_factory):
-    core = json.loads((reference_dir.parent / "comfyui" / "object_info_core.json").read_text())
+def node_specs(tmp_path_factory):
+    core = json.loads(CORE_NODE_SPEC.read_text())
     pack = load_pack()
     adapter = sys.modules["emocast_pack.nodes.comfy_adapter"]
     models = tmp_path_factory.mktemp("workflow_models")
