@@ -18,7 +18,7 @@ import torch
 from .config import NetConfig
 from .emotion import EmotionConditioning, EmotionKey
 from .models.net import build_net
-from .pipeline import resolve_device, resolve_dtype
+from .runtime import resolve_device, resolve_dtype
 from .sampling import SamplingSettings, VideoConditioning, generate_frames
 from .scheduler import make_scheduler
 

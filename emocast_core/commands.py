@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .model_paths import ModelPaths
-from .pipeline import EmoCASTModels, GenerationRequest, generate_video
+from .pipeline import GenerationRequest, generate_video
+from .runtime import EmoCASTModels
 from .preprocess.audio import load_audio
 from .sampling import Progress, SamplingSettings
 

@@ -21,7 +21,8 @@ from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
 from .scheduler import initial_noise
 
-LATENT_SCALE = 0.18215  # SD1.5 VAE scaling, hard-coded by the release
+# The latents are 1/8 of the image and the UNet halves them three times: sides must divide by 8 * 2**3.
+IMAGE_SIZE_MULTIPLE = 64
 
 
 class GenerationCancelled(RuntimeError):
@@ -105,12 +106,12 @@ def _prepare(net: EmoCASTNet, cond: VideoConditioning, device: torch.device, dty
 
 def _encode_reference(vae: AutoencoderKL, frames: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) in [-1, 1] -> latents: the posterior mean (no sampling), scaled."""
-    return vae.encode(frames).latent_dist.mean * LATENT_SCALE
+    return vae.encode(frames).latent_dist.mean * vae.config.scaling_factor
 
 
 def _decode(vae: AutoencoderKL, latents: torch.Tensor, batch: int) -> torch.Tensor:
     """(1, 4, F, h, w) -> (F, 3, H, W) float32 in [0, 1], decoded a few frames at a time to bound memory."""
-    frames = (latents * (1 / LATENT_SCALE))[0].transpose(0, 1)
+    frames = (latents * (1 / vae.config.scaling_factor))[0].transpose(0, 1)
     images = [vae.decode(chunk).sample for chunk in frames.split(batch)]
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1).float()
 
@@ -181,8 +182,8 @@ def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, co
         raise ValueError(f"num_frames {cond.num_frames} must be in 1..{n_pad}")
     clips = n_pad // clip_len
     height, width = cond.reference.shape[-2:]
-    if height % 64 or width % 64:
-        raise ValueError(f"image size {width}x{height} must be a multiple of 64")
+    if height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE:
+        raise ValueError(f"image size {width}x{height} must be a multiple of {IMAGE_SIZE_MULTIPLE}")
 
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(settings.steps, device=device)

@@ -28,8 +28,8 @@ import torch
 from av.video.reformatter import Interpolation
 
 from .preprocess.audio import AudioClip
+from .rates import FPS
 
-DEFAULT_FPS = 25
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 # swscale converts RGB with the BT.601 matrix (limited range); tagging the stream says so, so players do
 # not guess BT.709 and shift the colours. sRGB content has BT.709 primaries and transfer.
@@ -52,7 +52,7 @@ _SCALING = _accurate_scaling()
 FrameChunk = torch.Tensor | np.ndarray
 
 
-def mux_audio_length(num_frames: int, fps: float = DEFAULT_FPS) -> float:
+def mux_audio_length(num_frames: int, fps: float = FPS) -> float:
     """Seconds of audio that accompany `num_frames` video frames at `fps` (the track is cut/padded to it)."""
     if num_frames < 0:
         raise ValueError(f"num_frames must be >= 0, got {num_frames}")
@@ -174,7 +174,7 @@ class VideoWriter:
     def __init__(
         self,
         path: str | os.PathLike,
-        fps: float = DEFAULT_FPS,
+        fps: float = FPS,
         audio: AudioClip | None = None,
         crf: float = 18,
         preset: str = "medium",
@@ -330,7 +330,7 @@ class VideoWriter:
 def write_video(
     path: str | os.PathLike,
     frames: torch.Tensor | np.ndarray | Iterable[FrameChunk],
-    fps: float = DEFAULT_FPS,
+    fps: float = FPS,
     audio: AudioClip | None = None,
     crf: float = 18,
     preset: str = "medium",

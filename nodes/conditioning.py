@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.conditioning import AudioInput, EmotionInput, FaceInput
+    from ..emocast_core.generation_steps import AudioInput, EmotionInput, FaceInput
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"
@@ -47,7 +47,7 @@ class EmoCASTFace:
     def encode(self, model: "ModelHandle", image: Any, size: int = 512, crop: bool = True) -> tuple[Any, ...]:
         import torch
 
-        from ..emocast_core.conditioning import encode_face
+        from ..emocast_core.generation_steps import encode_face
         from . import tensors
 
         portrait = tensors.image_to_portrait(image, "the portrait")
@@ -90,7 +90,7 @@ class EmoCASTEmotion:
 
     def encode(self, model: "ModelHandle", text: str, crossfade: float = 0.5,
                strength: float = 1.0) -> tuple["EmotionInput"]:
-        from ..emocast_core.conditioning import encode_emotion
+        from ..emocast_core.generation_steps import encode_emotion
 
         with model.use("text_encoder") as models:
             return (encode_emotion(models, text, crossfade=float(crossfade), strength=float(strength)),)
@@ -125,7 +125,7 @@ class EmoCASTAudio:
 
     def encode(self, model: "ModelHandle", audio: Any, clip_length: int = 16,
                separate_vocals: bool = True) -> tuple["AudioInput"]:
-        from ..emocast_core.conditioning import encode_audio
+        from ..emocast_core.generation_steps import encode_audio
         from . import tensors
 
         clip = tensors.audio_to_clip(audio, "the speech")

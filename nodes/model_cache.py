@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.pipeline import EmoCASTModels
+    from ..emocast_core.runtime import EmoCASTModels
 
 log = logging.getLogger("emocast.nodes")
 
@@ -69,9 +69,9 @@ def load_models(spec: LoadSpec) -> LoadedModels:
     ComfyUI, hand the torch parts to its memory manager."""
     import torch
 
-    from ..emocast_core.conditioning import part_modules
+    from ..emocast_core.runtime import part_modules
     from ..emocast_core.model_paths import ModelPaths
-    from ..emocast_core.pipeline import EmoCASTModels, resolve_device, resolve_dtype
+    from ..emocast_core.runtime import EmoCASTModels, resolve_device, resolve_dtype
 
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("the EmoCAST loader's device is 'cuda' but torch sees no CUDA GPU; choose 'auto' or 'cpu'")
@@ -186,7 +186,7 @@ def _comfy_managed(loaded: LoadedModels, parts: tuple[str, ...], offload: bool) 
 @contextmanager
 def _self_managed(models: "EmoCASTModels", parts: tuple[str, ...], offload: bool) -> Iterator["EmoCASTModels"]:
     """Without ComfyUI: resident models are used where they are; offloaded parts visit the device."""
-    from ..emocast_core.conditioning import move_models, parameter_bytes
+    from ..emocast_core.runtime import move_models, parameter_bytes
 
     if not offload or models.device.type == "cpu" or not parts:
         yield models

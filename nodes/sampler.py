@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.conditioning import AudioInput, EmotionInput, FaceInput
+    from ..emocast_core.generation_steps import AudioInput, EmotionInput, FaceInput
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"
@@ -53,7 +53,7 @@ class EmoCASTSampler:
     def sample(self, model: "ModelHandle", face: "FaceInput", audio_features: "AudioInput",
                emotion: "EmotionInput", steps: int = 40, cfg: float = 3.5, seed: int = 42, pose_weight: float = 1.0,
                face_weight: float = 1.0, lip_weight: float = 1.0, decode_batch: int = 4) -> tuple[Any, ...]:
-        from ..emocast_core.conditioning import sample
+        from ..emocast_core.generation_steps import sample
         from ..emocast_core.sampling import GenerationCancelled, Progress, SamplingSettings
         from . import tensors
 

@@ -9,7 +9,8 @@ import pytest
 from emocast_core.__main__ import main
 from emocast_core.commands import selftest, write_wav
 from emocast_core.model_paths import ModelPaths
-from emocast_core.pipeline import EmoCASTModels, GenerationCancelled, GenerationRequest, generate_video
+from emocast_core.pipeline import GenerationCancelled, GenerationRequest, generate_video
+from emocast_core.runtime import EmoCASTModels
 from emocast_core.preprocess.audio import load_audio
 from emocast_core.sampling import SamplingSettings
 from emocast_core.testing.speech import synthesize_speech

@@ -200,10 +200,10 @@ def test_model_cache_keys_capacity_and_release():
 
 
 def test_offloaded_models_visit_the_device_only_while_used(monkeypatch):
-    conditioning = importlib.import_module(f"{PACK}.emocast_core.conditioning")
+    runtime = importlib.import_module(f"{PACK}.emocast_core.runtime")
     moves, room = [], []
-    monkeypatch.setattr(conditioning, "move_models", lambda models, device, parts: moves.append((str(device), parts)))
-    monkeypatch.setattr(conditioning, "parameter_bytes", lambda models, parts: 1000 * len(parts))
+    monkeypatch.setattr(runtime, "move_models", lambda models, device, parts: moves.append((str(device), parts)))
+    monkeypatch.setattr(runtime, "parameter_bytes", lambda models, parts: 1000 * len(parts))
     monkeypatch.setattr(adapter, "make_room", lambda n, device: room.append((n, str(device))))
     gpu_models = types.SimpleNamespace(device=torch.device("cuda"))
     cache = model_cache.ModelCache(loader=lambda spec: model_cache.LoadedModels(gpu_models))
@@ -476,7 +476,7 @@ def test_unload_frees_and_the_handle_reloads(handle):
 def test_comfyui_loads_offloads_and_unloads_the_models(fake_comfy, models_root, encoded, portrait, speech,
                                                        monkeypatch):
     """Under ComfyUI the torch parts are ModelPatchers: loaded before each node's work, unloadable by ComfyUI."""
-    from emocast_pack.emocast_core import conditioning
+    from emocast_pack.emocast_core import generation_steps, runtime
     from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE
 
     calls, mm = fake_comfy.calls, fake_comfy.mm
@@ -486,8 +486,8 @@ def test_comfyui_loads_offloads_and_unloads_the_models(fake_comfy, models_root, 
     patchers = model_cache.MODEL_CACHE.get(handle.spec).patchers
     names = {id(p): name for name, p in patchers.items()}
     # one patcher per torch part, holding the library's own module (one copy of the weights)
-    assert calls["patchers"] == list(patchers.values()) and tuple(patchers) == conditioning.MOVABLE_PARTS
-    for name, module in conditioning.part_modules(models).items():
+    assert calls["patchers"] == list(patchers.values()) and tuple(patchers) == runtime.MOVABLE_PARTS
+    for name, module in runtime.part_modules(models).items():
         assert getattr(patchers[name].model, name) is module
         assert patchers[name].load_device == patchers[name].offload_device == torch.device("cpu")
     # loaded straight onto the device: registered with ComfyUI as loaded, in full
@@ -501,7 +501,7 @@ def test_comfyui_loads_offloads_and_unloads_the_models(fake_comfy, models_root, 
     monkeypatch.setattr(mm, "load_models_gpu", lambda ps, **kw: events.append(("load", [names[id(p)] for p in ps]))
                         or real_load(ps, **kw))
     for fn in ("encode_face", "encode_emotion", "encode_audio", "sample"):
-        monkeypatch.setattr(conditioning, fn, lambda *a, _fn=fn, _real=getattr(conditioning, fn), **k:
+        monkeypatch.setattr(generation_steps, fn, lambda *a, _fn=fn, _real=getattr(generation_steps, fn), **k:
                             events.append(_fn) or _real(*a, **k))
     node("EmoCASTFace").encode(handle, portrait, TINY_SIZE, True)
     node("EmoCASTEmotion").encode(handle, "happy", 0.5, 1.0)

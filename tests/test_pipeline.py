@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from emocast_core.model_paths import ModelPaths
-from emocast_core.pipeline import (EmoCASTModels, GenerationCancelled, GenerationRequest, generate,
-                                   onnx_providers, resolve_dtype, trim_audio)
+from emocast_core.generation_steps import trim_audio
+from emocast_core.pipeline import GenerationCancelled, GenerationRequest, generate
+from emocast_core.runtime import EmoCASTModels, onnx_providers, resolve_dtype
 from emocast_core.preprocess.audio import AudioClip
 from emocast_core.sampling import SamplingSettings
 from emocast_core.testing.speech import synthesize_speech

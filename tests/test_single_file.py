@@ -22,7 +22,7 @@ from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtu
 from emocast_pack.emocast_core import single_file  # noqa: E402  (the pack is loaded by comfy_stubs)
 from emocast_pack.emocast_core.emotion import EmotionTextEncoder
 from emocast_pack.emocast_core.model_paths import ModelPaths
-from emocast_pack.emocast_core.pipeline import EmoCASTModels
+from emocast_pack.emocast_core.runtime import EmoCASTModels
 from emocast_pack.emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder
 from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
 

@@ -735,7 +735,8 @@ def test_smoke_chain_from_videos_trains_a_net_the_pipeline_generates_with(tmp_pa
     from skimage import data as skdata
 
     from emocast_core.model_paths import ModelPaths
-    from emocast_core.pipeline import EmoCASTModels, GenerationRequest, generate
+    from emocast_core.pipeline import GenerationRequest, generate
+    from emocast_core.runtime import EmoCASTModels
     from emocast_core.preprocess.audio import AudioClip
     from emocast_core.sampling import SamplingSettings
     from emocast_core.testing.speech import synthesize_speech

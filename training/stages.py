@@ -27,7 +27,6 @@ from emocast_core.emotion import UNCOND_PROMPT, PromptEncoder
 from emocast_core.models.denoising_unet import FrameConditioning
 from emocast_core.models.net import EmoCASTNet
 from emocast_core.models.reference_attention import ReferencePairing, ReferenceReader
-from emocast_core.sampling import LATENT_SCALE
 
 from .losses import diffusion_targets, offset_noise, sample_timesteps, weighted_loss
 
@@ -171,7 +170,7 @@ class TrainingModels:
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8): a *sample* of the VAE posterior, scaled (as trained)."""
         vae_dtype = next(self.vae.parameters()).dtype
         latents = self.vae.encode(images.to(self.device, vae_dtype)).latent_dist.sample(generator)
-        return (latents * LATENT_SCALE).to(self.dtype)
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
 
 def _grad_if_trainable(module: nn.Module):

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-# wav2vec2 is trained on 16 kHz speech; the video runs at 25 fps, so one frame is 640 samples.
-TARGET_SAMPLE_RATE = 16000
-DEFAULT_FPS = 25
+from ..rates import FPS, SAMPLE_RATE
+
 # -80 dBFS: far below any real recording (even a quiet one sits around -40 dBFS), above dither noise.
 SILENCE_RMS = 1e-4
 
@@ -72,7 +71,7 @@ class VocalSeparator(Protocol):
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor: ...
 
 
-def frame_count(num_samples: int, sample_rate: int = TARGET_SAMPLE_RATE, fps: int = DEFAULT_FPS) -> int:
+def frame_count(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: int = FPS) -> int:
     """Number of video frames covering `num_samples`, exactly as the official code counts them.
 
     The division comes first in float64 (`ceil(n / sr * fps)`), so some exact multiples of a frame round
@@ -86,7 +85,7 @@ def frame_count(num_samples: int, sample_rate: int = TARGET_SAMPLE_RATE, fps: in
     return math.ceil(num_samples / sample_rate * fps)
 
 
-def validate_clip(clip: AudioClip, source: str = "audio", fps: int = DEFAULT_FPS) -> None:
+def validate_clip(clip: AudioClip, source: str = "audio", fps: int = FPS) -> None:
     """Reject audio that cannot drive a video: empty, shorter than one frame, non-finite or silent."""
     if clip.num_samples == 0:
         raise ValueError(f"{source} contains no audio samples (it is empty); provide a speech recording.")
@@ -148,13 +147,13 @@ def _decode_stream(
         chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
     chunks.extend(out.to_ndarray() for out in resampler.resample(None))
     if not chunks:
-        return np.zeros((max(stream.channels, 1), 0), dtype=np.float32), int(sample_rate or TARGET_SAMPLE_RATE)
+        return np.zeros((max(stream.channels, 1), 0), dtype=np.float32), int(sample_rate or SAMPLE_RATE)
     return np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32), int(sample_rate)
 
 
 def to_mono_16k(clip: AudioClip) -> torch.Tensor:
     """Average the channels, then resample to 16 kHz: returns (samples,) float32."""
     mono = clip.waveform.mean(dim=0)
-    if clip.sample_rate == TARGET_SAMPLE_RATE:
+    if clip.sample_rate == SAMPLE_RATE:
         return mono
-    return AF.resample(mono, clip.sample_rate, TARGET_SAMPLE_RATE)
+    return AF.resample(mono, clip.sample_rate, SAMPLE_RATE)

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from ..rates import FPS, SAMPLE_RATE
 from .audio import (
-    DEFAULT_FPS,
-    TARGET_SAMPLE_RATE,
     AudioClip,
     VocalSeparator,
     frame_count,
@@ -44,7 +43,7 @@ class AudioFeatures:
     features: torch.Tensor
     num_frames: int
     clip_length: int
-    fps: int = DEFAULT_FPS
+    fps: int = FPS
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
@@ -84,10 +83,10 @@ class Wav2Vec2AudioEncoder:
     """A local HF wav2vec2 checkpoint run the EmoCAST way (fp32, eval, frame-rate conv interpolation)."""
 
     def __init__(self, model: Wav2Vec2Model, processor: Wav2Vec2FeatureExtractor) -> None:
-        if processor.sampling_rate != TARGET_SAMPLE_RATE:
+        if processor.sampling_rate != SAMPLE_RATE:
             raise ValueError(
                 f"the wav2vec2 preprocessor expects {processor.sampling_rate} Hz audio; EmoCAST needs a "
-                f"{TARGET_SAMPLE_RATE} Hz model such as facebook/wav2vec2-base-960h"
+                f"{SAMPLE_RATE} Hz model such as facebook/wav2vec2-base-960h"
             )
         self.model = model.eval().to(torch.float32)
         self.processor = processor
@@ -121,11 +120,11 @@ class Wav2Vec2AudioEncoder:
     def normalize(self, waveform: torch.Tensor) -> torch.Tensor:
         """Whole-utterance normalisation exactly as the checkpoint's feature extractor does it (numpy fp32)."""
         values = self.processor(
-            waveform.detach().cpu().numpy(), sampling_rate=TARGET_SAMPLE_RATE, return_tensors="np"
+            waveform.detach().cpu().numpy(), sampling_rate=SAMPLE_RATE, return_tensors="np"
         ).input_values
         return torch.from_numpy(values.reshape(-1)).to(torch.float32)
 
-    def encode(self, waveform: torch.Tensor, clip_length: int, fps: int = DEFAULT_FPS) -> AudioFeatures:
+    def encode(self, waveform: torch.Tensor, clip_length: int, fps: int = FPS) -> AudioFeatures:
         """Mono 16 kHz waveform (samples,) -> `AudioFeatures` padded to a whole number of clips."""
         if waveform.dim() != 1:
             raise ValueError(
@@ -133,13 +132,13 @@ class Wav2Vec2AudioEncoder:
             )
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
-        validate_clip(AudioClip(waveform[None], TARGET_SAMPLE_RATE), source="the waveform given to encode", fps=fps)
+        validate_clip(AudioClip(waveform[None], SAMPLE_RATE), source="the waveform given to encode", fps=fps)
 
         # Normalise before padding: the padding stays exactly zero, as in the official features.
         normalized = self.normalize(waveform)
-        num_frames = frame_count(normalized.shape[0], TARGET_SAMPLE_RATE, fps)
+        num_frames = frame_count(normalized.shape[0], SAMPLE_RATE, fps)
         padded_frames = -(-num_frames // clip_length) * clip_length
-        samples_per_frame = TARGET_SAMPLE_RATE // fps
+        samples_per_frame = SAMPLE_RATE // fps
         normalized = F.pad(normalized, (0, (padded_frames - num_frames) * samples_per_frame))
 
         with torch.inference_mode():
@@ -178,7 +177,7 @@ def extract_audio_features(
     encoder: Wav2Vec2AudioEncoder,
     clip_length: int,
     separator: VocalSeparator | None = None,
-    fps: int = DEFAULT_FPS,
+    fps: int = FPS,
 ) -> AudioFeatures:
     """Speech file (or decoded clip) -> optional vocal separation -> wav2vec2 features per video frame."""
     if isinstance(source, AudioClip):
@@ -205,7 +204,7 @@ def _checked_stem(vocals: torch.Tensor, fps: int) -> torch.Tensor:
         shape = tuple(vocals.shape) if isinstance(vocals, torch.Tensor) else type(vocals)
         raise ValueError(f"the vocal separator must return a mono waveform (samples,), got {shape}")
     try:
-        validate_clip(AudioClip(vocals[None], TARGET_SAMPLE_RATE), source="the separated vocal stem", fps=fps)
+        validate_clip(AudioClip(vocals[None], SAMPLE_RATE), source="the separated vocal stem", fps=fps)
     except ValueError as err:
         raise ValueError(f"{err} The recording may contain no speech; try without vocal separation.") from err
     return vocals

@@ -32,7 +32,8 @@ import onnxruntime as ort
 import torch
 import torchaudio.functional as AF
 
-from .audio import TARGET_SAMPLE_RATE, AudioClip
+from ..rates import SAMPLE_RATE
+from .audio import AudioClip
 
 logger = logging.getLogger("emocast_core.audio")
 
@@ -168,8 +169,8 @@ class MDXVocalSeparator:
         if not isinstance(waveform, torch.Tensor) or waveform.dim() != 1:
             shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform)
             raise ValueError(f"the vocal separator expects a mono waveform (samples,), got {shape}")
-        vocals = self.separate(AudioClip(waveform[None], TARGET_SAMPLE_RATE)).waveform[0]
-        vocals = AF.resample(vocals, self.params.sample_rate, TARGET_SAMPLE_RATE)
+        vocals = self.separate(AudioClip(waveform[None], SAMPLE_RATE)).waveform[0]
+        vocals = AF.resample(vocals, self.params.sample_rate, SAMPLE_RATE)
         return vocals[: waveform.shape[0]].contiguous()
 
     def separate(self, clip: AudioClip) -> AudioClip:

@@ -1,9 +1,11 @@
-"""`generate` split into its steps: face, speech and emotion encoded separately, then sampled.
+"""The generation steps: face, speech and emotion encoded separately, then prepared and sampled.
 
-`pipeline.generate` runs everything from one request. Graph front-ends (the ComfyUI nodes) encode each
-input in its own step so that changing one input (or only the seed) does not redo the others: every
-`encode_*` function returns a small bundle that `sample` combines. With the same inputs `sample` gives
-exactly the frames of `pipeline.generate`.
+`pipeline.generate` runs every step from one request. Graph front-ends (the ComfyUI nodes) run each
+encoding in its own step so that changing one input (or only the seed) does not redo the others: every
+`encode_*` function returns a small bundle that `prepare` combines into the sampler's input. `sample`
+(all frames at once) and `sample_clips` (clip by clip, for writing as they come) both start with
+`prepare`, so every path checks the same things; with the same inputs they give exactly the frames of
+`pipeline.generate`.
 
 The emotion can be encoded before the video length is known: `encode_emotion` runs the text encoder on
 every prompt of the timeline once, and `EmotionInput.conditioning` lays the stored embeddings out over
@@ -12,32 +14,26 @@ the frames later (the library's `build_emotion_conditioning` does both, fed from
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .emotion import EmotionConditioning, EmotionKey, build_emotion_conditioning, parse_emotion_timeline
-from .preprocess.audio import DEFAULT_FPS as FPS
 from .preprocess.audio import AudioClip
 from .preprocess.audio_features import AudioFeatures, extract_audio_features
 from .preprocess.face import FaceConditioning, prepare_face
-from .sampling import Progress, SamplingSettings, VideoConditioning, generate_frames
+from .rates import FPS
+from .runtime import EmoCASTModels
+from .sampling import IMAGE_SIZE_MULTIPLE, Progress, SamplingSettings, VideoConditioning, iter_clips
 
-if TYPE_CHECKING:
-    from .pipeline import EmoCASTModels
+log = logging.getLogger("emocast_core.generation_steps")
 
-log = logging.getLogger("emocast_core.conditioning")
-
-# The torch modules of EmoCASTModels that can change device (the face analyzer is ONNX Runtime).
-MOVABLE_PARTS = ("net", "vae", "text_encoder", "audio_encoder")
-
-__all__ = ["AudioInput", "EmotionInput", "FaceInput", "GenerationResult", "MOVABLE_PARTS", "PromptTable",
-           "encode_audio", "encode_emotion", "encode_face", "move_models", "parameter_bytes", "part_modules", "sample",
-           "trim_audio", "video_conditioning"]
+__all__ = ["AudioInput", "EmotionInput", "FaceInput", "GenerationResult", "PromptTable", "encode_audio",
+           "encode_emotion", "encode_face", "prepare", "sample", "sample_clips", "trim_audio"]
 
 
 @dataclass
@@ -135,8 +131,8 @@ class EmotionInput:
 
 def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop: bool = True) -> FaceInput:
     """Portrait (H, W, 3) RGB uint8 -> face conditioning at `size` x `size` (see `prepare_face`)."""
-    if size % models.image_size_multiple or size < models.image_size_multiple:
-        raise ValueError(f"size must be a positive multiple of {models.image_size_multiple} (got {size})")
+    if size % IMAGE_SIZE_MULTIPLE or size < IMAGE_SIZE_MULTIPLE:
+        raise ValueError(f"size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (got {size})")
     face = prepare_face(image, models.face_analyzer, size=size, crop=crop)
     height, width = image.shape[:2]
     return FaceInput(face, (int(width), int(height)))
@@ -163,66 +159,39 @@ def encode_emotion(models: EmoCASTModels, text: str, crossfade: float = 0.5, str
     return EmotionInput(text, keys, float(crossfade), float(strength), MappingProxyType(recorder.embeddings))
 
 
-def video_conditioning(models: EmoCASTModels, face: FaceInput, audio: AudioInput,
-                       emotion: EmotionInput) -> VideoConditioning:
-    """The sampler's input, assembled as `pipeline.prepare` assembles it."""
+def prepare(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
+            settings: SamplingSettings) -> VideoConditioning:
+    """Check the settings against the encoded inputs and assemble the sampler's input (every sampling path
+    starts here)."""
+    settings.validate()
+    if settings.clip_length != audio.clip_length:
+        raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
+                         f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
+                         f"{settings.clip_length}")
     f = face.conditioning
-    return VideoConditioning(
+    cond = VideoConditioning(
         reference=f.reference, face_region=f.face_region, identity=f.identity,
         masks=[f.masks.full, f.masks.face, f.masks.lip],
         audio_windows=audio.features.windows(models.net.config.audio_projection.window),
         num_frames=audio.num_frames, emotion=emotion.conditioning(audio.num_frames))
+    log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s", cond.num_frames,
+             audio.features.num_clips, settings.clip_length, face.size, face.size, settings.steps, settings.cfg,
+             str(models.dtype).removeprefix("torch."), models.device)
+    return cond
+
+
+def sample_clips(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
+                 settings: SamplingSettings, progress: Callable[[Progress], None] | None = None,
+                 cancel: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+    """The video clip by clip, each (frames, 3, H, W) float32 in [0, 1] on the CPU (see `sampling.iter_clips`)."""
+    cond = prepare(models, face, audio, emotion, settings)
+    return iter_clips(models.net, models.vae, models.scheduler, cond, settings, device=models.device,
+                      dtype=models.dtype, progress=progress, cancel=cancel)
 
 
 def sample(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
            settings: SamplingSettings, progress: Callable[[Progress], None] | None = None,
            cancel: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate the video frames and the speech cut to them (see `pipeline.generate`)."""
-    check_clip_length(audio, settings)
-    cond = video_conditioning(models, face, audio, emotion)
-    log_start(models, cond, settings, face.size)
-    frames = generate_frames(models.net, models.vae, models.scheduler, cond, settings, device=models.device,
-                             dtype=models.dtype, progress=progress, cancel=cancel)
+    frames = torch.cat(list(sample_clips(models, face, audio, emotion, settings, progress, cancel)))
     return GenerationResult(frames, trim_audio(audio.clip, frames.shape[0]), FPS, face.conditioning)
-
-
-def check_clip_length(audio: AudioInput, settings: SamplingSettings) -> None:
-    if settings.clip_length != audio.clip_length:
-        raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
-                         f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
-                         f"{settings.clip_length}")
-
-
-def log_start(models: EmoCASTModels, cond: VideoConditioning, settings: SamplingSettings, size: int) -> None:
-    log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s", cond.num_frames,
-             cond.audio_windows.shape[0] // settings.clip_length, settings.clip_length, size, size,
-             settings.steps, settings.cfg, str(models.dtype).removeprefix("torch."), models.device)
-
-
-def _modules(models: EmoCASTModels, parts: Iterable[str]) -> list[torch.nn.Module]:
-    unknown = set(parts) - set(MOVABLE_PARTS)
-    if unknown:
-        raise ValueError(f"unknown model part(s) {sorted(unknown)}; choose from {', '.join(MOVABLE_PARTS)}")
-    table = {"net": models.net, "vae": models.vae, "text_encoder": models.text_encoder.text_model,
-             "audio_encoder": models.audio_encoder.model}
-    return [table[p] for p in parts]
-
-
-def part_modules(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> dict[str, torch.nn.Module]:
-    """The torch module behind each named part, e.g. to hand the weights to a host's memory manager."""
-    parts = tuple(parts)
-    return dict(zip(parts, _modules(models, parts)))
-
-
-def move_models(models: EmoCASTModels, device: str | torch.device, parts: Iterable[str] = MOVABLE_PARTS) -> None:
-    """Move the named torch modules (weights only; dtypes unchanged), e.g. to the CPU between runs.
-
-    `models.device` stays the compute device: move the parts back there before using them."""
-    for module in _modules(models, parts):
-        module.to(device)
-
-
-def parameter_bytes(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> int:
-    """Memory taken by the weights and buffers of the named parts."""
-    return sum(t.numel() * t.element_size() for m in _modules(models, parts)
-               for t in (*m.parameters(), *m.buffers()))

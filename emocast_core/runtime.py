@@ -1,0 +1,131 @@
+"""The loaded models and where they run: the model bundle, device and precision choice, ONNX Runtime
+providers, and moving the torch parts between devices.
+
+Everything that generates (the generation steps, the pipeline, the benchmark, the ComfyUI nodes) starts
+from an `EmoCASTModels`; this module sits below all of them and imports only the loaders of the parts.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+from .checkpoints import load_net, parse_dtype
+from .emotion import EmotionTextEncoder
+from .model_paths import ModelPaths
+from .models.net import EmoCASTNet
+from .preprocess.audio import VocalSeparator
+from .preprocess.audio_features import Wav2Vec2AudioEncoder
+from .preprocess.face import FaceAnalyzer
+from .preprocess.vocal_separation import find_separator
+from .scheduler import make_scheduler
+from .single_file import load_clip_text_file, load_vae_file, load_wav2vec2_file
+
+# The choices a user has for the precision; "auto" is resolved by `resolve_dtype`.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The torch modules of EmoCASTModels that can change device (the face analyzer is ONNX Runtime).
+MOVABLE_PARTS = ("net", "vae", "text_encoder", "audio_encoder")
+
+__all__ = ["EmoCASTModels", "MOVABLE_PARTS", "PRECISIONS", "move_models", "onnx_providers", "parameter_bytes",
+           "part_modules", "resolve_device", "resolve_dtype"]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': fp16 on a GPU (what the release runs), fp32 on the CPU (where fp16 is slow or unsupported)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in PRECISIONS:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(PRECISIONS)}")
+    return parse_dtype(dtype)
+
+
+def onnx_providers(device: torch.device) -> tuple[str, ...]:
+    """ONNX Runtime providers for the face and separator models: CUDA first when the run is on a GPU and
+    the installed onnxruntime has it (the CPU-only package does not), the CPU always."""
+    import onnxruntime
+
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" else ("CPUExecutionProvider",)
+    available = set(onnxruntime.get_available_providers())
+    return tuple(p for p in wanted if p in available) or ("CPUExecutionProvider",)
+
+
+@dataclass
+class EmoCASTModels:
+    """Every model the pipeline needs, loaded once and reused across generations."""
+
+    net: EmoCASTNet
+    vae: AutoencoderKL
+    text_encoder: EmotionTextEncoder
+    audio_encoder: Wav2Vec2AudioEncoder
+    face_analyzer: FaceAnalyzer
+    scheduler: DDIMScheduler
+    device: torch.device
+    dtype: torch.dtype
+    separator: VocalSeparator | None = None  # present when the model folder has separator/*.onnx
+
+    @classmethod
+    def load(cls, paths: ModelPaths, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> "EmoCASTModels":
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        net = load_net(paths.net, paths.config, device=device, dtype=dtype)
+        net.requires_grad_(False)
+        if paths.vae_file is not None:
+            vae = load_vae_file(paths.vae_file, dtype=dtype).to(device)
+        else:
+            vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
+        vae.requires_grad_(False)
+        if paths.clip_file is not None:
+            text = load_clip_text_file(paths.clip_file, paths.tokenizer_dir, device=device, dtype=dtype)
+        else:
+            text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
+        if paths.wav2vec2_file is not None:
+            audio = load_wav2vec2_file(paths.wav2vec2_file, device=device)
+        else:
+            audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
+        providers = onnx_providers(device)
+        face = FaceAnalyzer.from_folder(paths.face_analysis, providers=providers)
+        separator = find_separator(paths.root, providers=providers)
+        return cls(net, vae, text, audio, face, make_scheduler(), device, dtype, separator)
+
+
+def _modules(models: EmoCASTModels, parts: Iterable[str]) -> list[torch.nn.Module]:
+    unknown = set(parts) - set(MOVABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown model part(s) {sorted(unknown)}; choose from {', '.join(MOVABLE_PARTS)}")
+    table = {"net": models.net, "vae": models.vae, "text_encoder": models.text_encoder.text_model,
+             "audio_encoder": models.audio_encoder.model}
+    return [table[p] for p in parts]
+
+
+def part_modules(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> dict[str, torch.nn.Module]:
+    """The torch module behind each named part, e.g. to hand the weights to a host's memory manager."""
+    parts = tuple(parts)
+    return dict(zip(parts, _modules(models, parts)))
+
+
+def move_models(models: EmoCASTModels, device: str | torch.device, parts: Iterable[str] = MOVABLE_PARTS) -> None:
+    """Move the named torch modules (weights only; dtypes unchanged), e.g. to the CPU between runs.
+
+    `models.device` stays the compute device: move the parts back there before using them."""
+    for module in _modules(models, parts):
+        module.to(device)
+
+
+def parameter_bytes(models: EmoCASTModels, parts: Iterable[str] = MOVABLE_PARTS) -> int:
+    """Memory taken by the weights and buffers of the named parts."""
+    return sum(t.numel() * t.element_size() for m in _modules(models, parts)
+               for t in (*m.parameters(), *m.buffers()))
