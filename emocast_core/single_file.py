@@ -29,10 +29,9 @@ from diffusers import AutoencoderKL
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
                           Wav2Vec2Model)
 
+from .checkpoints import load_state_dict
 from .emotion import EmotionTextEncoder
 from .preprocess.audio_features import Wav2Vec2AudioEncoder
-
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
 
 # stabilityai/sd-vae-ft-mse
 SD_VAE_CONFIG: Mapping[str, Any] = MappingProxyType({
@@ -65,33 +64,13 @@ _WAV2VEC2_OPTIONAL = ("masked_spec_embed",)  # a training-time parameter, unused
 _WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or of a torch file read with ``weights_only`` (a ``state_dict``
-    entry inside it is unwrapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"{path} is not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    if path.suffix in (".safetensors", ".sft"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return data
-
-
 def load_vae_file(path: str | Path, dtype: torch.dtype = torch.float32,
                   config: Mapping[str, Any] | None = None) -> AutoencoderKL:
     """An SD VAE single file (LDM or diffusers key layout) as a diffusers `AutoencoderKL` (on the CPU)."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = dict(SD_VAE_CONFIG if config is None else config)
-    state = read_state_dict(path)
+    state = load_state_dict(path)
     if not any(k.startswith("encoder.down_blocks.") for k in state):
         try:
             state = convert_ldm_vae_checkpoint(state, config)
@@ -116,7 +95,7 @@ def load_clip_text_file(path: str | Path, tokenizer_dir: str | Path, dtype: torc
                                 "(ComfyUI ships them in comfy/sd1_tokenizer)")
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     model = CLIPTextModel(CLIPTextConfig(**(CLIP_L_TEXT_CONFIG if config is None else config)))
-    state = _clip_state(read_state_dict(path), nested=any(k.startswith("text_model.") for k in model.state_dict()))
+    state = _clip_state(load_state_dict(path), nested=any(k.startswith("text_model.") for k in model.state_dict()))
     _load_strict(model, state, path, "a CLIP-L text encoder (e.g. clip_l.safetensors)")
     # fp32 first and cast afterwards, as the folder form loads
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -142,7 +121,7 @@ def load_wav2vec2_file(path: str | Path, device: str | torch.device = "cpu",
                        config: Mapping[str, Any] | None = None) -> Wav2Vec2AudioEncoder:
     """A wav2vec2-base single file (ComfyUI's audio encoder format) as a `Wav2Vec2AudioEncoder` (fp32, with
     wav2vec2-base-960h's feature extractor: 16 kHz, normalised)."""
-    state = read_state_dict(path)
+    state = load_state_dict(path)
     if any(k.startswith("wav2vec2.") for k in state):
         state = {k.removeprefix("wav2vec2."): v for k, v in state.items() if k.startswith("wav2vec2.")}
     state = {k: v for k, v in state.items() if not k.startswith(_WAV2VEC2_IGNORED_PREFIXES)}

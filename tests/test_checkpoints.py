@@ -16,7 +16,9 @@ import torch
 from conftest import FIXTURES
 from emocast_core import checkpoints as ck
 from emocast_core.__main__ import main as cli_main
+from emocast_core.checkpoints.layout import _format_indices
 from emocast_core.config import NetConfig
+from training.init_weights import init_from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWN_TO_K = "denoising_unet.down_blocks.{0-2}.audio_modules.{0,1}.transformer_blocks.0.attn2_0.to_k.weight"
@@ -81,7 +83,7 @@ def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dty
 @pytest.mark.parametrize("values,text", [([3], "3"), ([0, 1], "{0,1}"), ([0, 1, 2], "{0-2}"),
                                          ([0, 2, 3, 4], "{0,2-4}"), ([1, 3], "{1,3}")])
 def test_format_indices(values, text):
-    assert ck._format_indices(values) == text
+    assert _format_indices(values) == text
 
 
 def test_report_groups_dropped_keys_by_pattern(full_keys):
@@ -252,7 +254,7 @@ def test_corrupt_and_foreign_files_name_the_file(tmp_path, tiny_pth, tiny):
     torch.save({"conv_in.weight": torch.zeros(1)}, bare)
     with pytest.raises(ck.CheckpointError, match="this is not an EmoCAST net.pth"):
         ck.load_net(bare, tiny)
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
+    with pytest.raises(FileNotFoundError, match=r"weights file .*nope\.pth does not exist"):
         ck.load_net(tmp_path / "nope.pth", tiny)
 
 
@@ -281,8 +283,8 @@ def motion_ckpt(tmp_path_factory, tiny_state) -> tuple[Path, dict[str, torch.Ten
 def test_init_from_pretrained_copies_sd_and_motion_weights(sd_folder, motion_ckpt, tiny, caplog):
     folder, sd = sd_folder
     mm_path, motion = motion_ckpt
-    with caplog.at_level(logging.INFO, logger="emocast_core.checkpoints"):
-        net = ck.init_from_pretrained(tiny, folder.parent, mm_path)  # the SD1.5 repo root works too
+    with caplog.at_level(logging.INFO, logger="training.init_weights"):
+        net = init_from_pretrained(tiny, folder.parent, mm_path)  # the SD1.5 repo root works too
     state = net.state_dict()
     for name, tensor in sd.items():
         assert torch.equal(state[f"denoising_unet.{name}"], tensor), name
@@ -311,7 +313,7 @@ def test_init_from_pretrained_rejects_foreign_files(tmp_path, sd_folder, motion_
     torch.save(partial, bad_mm)
     with pytest.raises(ck.CheckpointError, match=rf"mm_bad\.ckpt: is not an AnimateDiff v2 motion-module "
                                                   rf"file(.|\n)*missing 1 key in 1 pattern:\n  {dropped}"):
-        ck.init_from_pretrained(tiny, folder, bad_mm)
+        init_from_pretrained(tiny, folder, bad_mm)
 
     other = tmp_path / "unet"
     other.mkdir()
@@ -320,7 +322,7 @@ def test_init_from_pretrained_rejects_foreign_files(tmp_path, sd_folder, motion_
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"block_out_channels: folder has \[32, 64, 64, 64\], "
                                          r"model config has \[32, 32, 64, 64\]"):
-        ck.init_from_pretrained(tiny, other, mm_path)
+        init_from_pretrained(tiny, other, mm_path)
 
 
 # ---- command line --------------------------------------------------------------------------------

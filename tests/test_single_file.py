@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtures)
 
 from emocast_pack.emocast_core import single_file  # noqa: E402  (the pack is loaded by comfy_stubs)
+from emocast_pack.emocast_core.checkpoints import load_state_dict
 from emocast_pack.emocast_core.emotion import EmotionTextEncoder
 from emocast_pack.emocast_core.model_paths import ModelPaths
 from emocast_pack.emocast_core.runtime import EmoCASTModels
@@ -172,18 +173,18 @@ def test_wrong_files_give_errors_naming_the_file(tiny):
     with pytest.raises(FileNotFoundError, match=r"no CLIP tokenizer in .*files.*sd1_tokenizer"):
         single_file.load_clip_text_file(clip_file, tiny.files)
     (tiny.files / "notes.txt").write_text("not weights")
-    with pytest.raises(ValueError, match=r"notes.txt is not a weights file"):
+    with pytest.raises(ValueError, match=r"notes.txt: is not a weights file"):
         single_file.load_vae_file(tiny.files / "notes.txt")
 
 
 def test_torch_files_are_read_without_pickled_code(tiny, tmp_path):
-    state = single_file.read_state_dict(tiny.files / "vae_ldm.safetensors")
+    state = load_state_dict(tiny.files / "vae_ldm.safetensors")
     torch.save({"state_dict": state}, tmp_path / "vae.ckpt")
-    again = single_file.read_state_dict(tmp_path / "vae.ckpt")
+    again = load_state_dict(tmp_path / "vae.ckpt")
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     torch.save({"state_dict": state, "step": types.SimpleNamespace(n=1)}, tmp_path / "pickled.ckpt")
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
-        single_file.read_state_dict(tmp_path / "pickled.ckpt")
+        load_state_dict(tmp_path / "pickled.ckpt")
 
 
 # ---- model paths and the pipeline ---------------------------------------------------------------------------

@@ -32,9 +32,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from emocast_core.checkpoints import (
-    CheckpointError, compare_layout, init_from_pretrained, load_net, load_state_dict, save_safetensors,
-)
+from emocast_core.checkpoints import (CONFIG_METADATA_KEY, CheckpointError, compare_layout, load_net, load_state_dict,
+                                      save_safetensors)
 from emocast_core.config import NetConfig
 from emocast_core.emotion import EmotionTextEncoder
 from emocast_core.models.net import EmoCASTNet, build_net
@@ -43,6 +42,7 @@ from emocast_core.scheduler import make_training_scheduler
 from .config import StageConfig
 from .data.datasets import EpochShuffleSampler, Stage1Dataset, Stage2Dataset
 from .data.metadata import PreparedClip, discover_clips
+from .init_weights import init_from_pretrained
 from .resume import (
     ResumePoint, find_resume_point, load_shared_state, prune_states, restore_process_state, save_process_state,
     save_shared_state, truncate_log,
@@ -188,7 +188,7 @@ def save_checkpoint(net: EmoCASTNet, out_dir: str | Path, step: int, stage: int,
     """``net-<step>.safetensors`` (+ ``.pth``): the whole network state dict, config in the metadata."""
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
-    metadata = {"emocast_config": json.dumps(net.config.to_dict()), "training_stage": str(stage),
+    metadata = {CONFIG_METADATA_KEY: json.dumps(net.config.to_dict()), "training_stage": str(stage),
                 "training_step": str(step)}
     path = save_safetensors(state, out_dir / f"net-{step}.safetensors", metadata=metadata)
     if save_pth:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import save_safetensors
+from ..checkpoints import CONFIG_METADATA_KEY, save_safetensors
 from ..config import NetConfig
 from ..models.net import build_net
 from .face_models import write_face_models
@@ -37,7 +37,7 @@ def write_net(folder: Path, seed: int = 0) -> Path:
     _randomise(net, seed)
     config.to_json(folder / "config.json")
     return save_safetensors(net.state_dict(), folder / "emocast.safetensors",
-                            metadata={"emocast_config": json.dumps(config.to_dict())})
+                            metadata={CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
 
 
 def write_vae(folder: Path) -> Path:
