@@ -28,7 +28,8 @@ from .preprocess.audio_features import AudioFeatures, extract_audio_features
 from .preprocess.face import FaceConditioning, prepare_face
 from .rates import FPS
 from .runtime import EmoCASTModels
-from .sampling import IMAGE_SIZE_MULTIPLE, Progress, SamplingSettings, VideoConditioning, iter_clips
+from .sampling import IMAGE_SIZE_MULTIPLE, Progress, VideoConditioning, iter_clips
+from .sampling_settings import SamplingSettings
 
 log = logging.getLogger("emocast_core.generation_steps")
 
@@ -138,7 +139,7 @@ def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop:
     return FaceInput(face, (int(width), int(height)))
 
 
-def encode_audio(models: EmoCASTModels, clip: AudioClip, clip_length: int = 16,
+def encode_audio(models: EmoCASTModels, clip: AudioClip, clip_length: int = SamplingSettings.clip_length,
                  separate_vocals: bool = True) -> AudioInput:
     """Speech -> (vocals, when the models have a separator and `separate_vocals`) -> wav2vec2 features
     padded to whole clips of `clip_length` frames (the sampler's clip)."""

@@ -16,7 +16,8 @@ from .generation_steps import (AudioInput, EmotionInput, FaceInput, GenerationRe
 from .preprocess.audio import AudioClip
 from .rates import FPS
 from .runtime import EmoCASTModels
-from .sampling import GenerationCancelled, Progress, SamplingSettings
+from .sampling import GenerationCancelled, Progress
+from .sampling_settings import SamplingSettings
 
 __all__ = ["EmoCASTModels", "GenerationRequest", "GenerationResult", "GenerationCancelled", "Progress",
            "encode_request", "generate", "generate_video"]

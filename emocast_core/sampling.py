@@ -19,6 +19,7 @@ from .emotion import EmotionConditioning
 from .models.denoising_unet import FrameConditioning
 from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
+from .sampling_settings import SamplingSettings
 from .scheduler import initial_noise
 
 # The latents are 1/8 of the image and the UNet halves them three times: sides must divide by 8 * 2**3.
@@ -45,34 +46,6 @@ class VideoConditioning:
     audio_windows: torch.Tensor
     num_frames: int
     emotion: EmotionConditioning
-
-
-@dataclass
-class SamplingSettings:
-    steps: int = 40
-    cfg: float = 3.5
-    seed: int = 42
-    clip_length: int = 16
-    motion_frames: int = 2
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose, face, lip
-    # The release hands the reference bank to the denoising UNet in fp16 whatever the run dtype.
-    bank_dtype: torch.dtype | None = torch.float16
-    # Precision the initial noise is drawn in; None: the run dtype, as released (so a seed gives other
-    # noise in fp16 than in fp32). fp32 makes a seed give the same video in every precision.
-    noise_dtype: torch.dtype | None = None
-    decode_batch: int = 4
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {self.steps})")
-        if self.cfg <= 1.0:
-            raise ValueError(f"cfg must be above 1.0 (got {self.cfg}): the model was trained with classifier-"
-                             f"free guidance and the release always runs both halves; 3.5 is the default")
-        if not 1 <= self.motion_frames < self.clip_length:
-            raise ValueError("motion_frames must be between 1 and clip_length - 1")
-        if self.clip_length + self.motion_frames > 32:
-            raise ValueError("clip_length + motion_frames must be at most 32 (the motion modules' position "
-                             "encoding length)")
 
 
 @dataclass(frozen=True)
@@ -102,6 +75,11 @@ def _prepare(net: EmoCASTNet, cond: VideoConditioning, device: torch.device, dty
     located = net.face_locator(cond.face_region[None].to(device, dtype))
     masks = [[m.reshape(1, -1).to(device, dtype) for m in levels] for levels in cond.masks]
     return _Prepared(face_tokens, torch.cat([torch.zeros_like(located), located]), masks)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a `SamplingSettings` precision field (a dtype or its name, e.g. "float16")."""
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _encode_reference(vae: AutoencoderKL, frames: torch.Tensor) -> torch.Tensor:
@@ -137,7 +115,7 @@ def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, p
     # Reference batch [ref, m.., ref, m..] with the two contexts tiled [u, c, u, c, ...] (the release's pairing).
     bank = net.reference_unet(torch.cat([ref_latents, ref_latents]), context.repeat(ref_latents.shape[0], 1, 1),
                               torch.zeros((), device=noise.device))
-    reader = ReferenceReader(bank.rounded(settings.bank_dtype),
+    reader = ReferenceReader(bank.rounded(_as_dtype(settings.bank_dtype)),
                              ReferencePairing.official_cfg(frames, settings.motion_frames))
     latents = noise
     for i, t in enumerate(scheduler.timesteps):
@@ -194,7 +172,7 @@ def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, co
     motion_frames = reference[None].expand(motion, -1, -1, -1)
     for clip in range(clips):
         noise = initial_noise(generator, (1, 4, clip_len, height // 8, width // 8), dtype,
-                              draw_dtype=settings.noise_dtype)
+                              draw_dtype=_as_dtype(settings.noise_dtype))
         start = clip * clip_len
         text, per_frame = cond.emotion.for_clip(start, clip_len)
 

@@ -109,13 +109,15 @@ class EmoCASTAudio:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        from ..emocast_core.sampling_settings import SamplingSettings
+
         return {"required": {
             "model": ("EMOCAST_MODEL", {"tooltip": MODEL_TOOLTIP}),
             "audio": ("AUDIO", {"tooltip": "The speech (e.g. from Load Audio): any length, rate and channels."}),
-            "clip_length": ("INT", {"default": 16, "min": 4, "max": 30, "step": 1,
-                                    "tooltip": "Frames generated together; the model was trained with 16. The "
-                                               "features are padded to whole clips, so the Sampler uses this "
-                                               "value."}),
+            "clip_length": ("INT", {"default": SamplingSettings.clip_length, "min": 4, "max": 30, "step": 1,
+                                    "tooltip": "Frames generated together; the model was trained with "
+                                               f"{SamplingSettings.clip_length}. The features are padded to whole "
+                                               "clips, so the Sampler uses this value."}),
             "separate_vocals": ("BOOLEAN", {"default": True, "label_on": "separate vocals",
                                             "label_off": "audio as given",
                                             "tooltip": "Remove music and noise with the vocal separator in the "
@@ -123,7 +125,7 @@ class EmoCASTAudio:
                                                        "released. Without that model the audio is used as given."}),
         }}
 
-    def encode(self, model: "ModelHandle", audio: Any, clip_length: int = 16,
+    def encode(self, model: "ModelHandle", audio: Any, clip_length: int,
                separate_vocals: bool = True) -> tuple["AudioInput"]:
         from ..emocast_core.generation_steps import encode_audio
         from . import tensors

@@ -1,6 +1,7 @@
 """The sampler node: face + audio + emotion -> video frames, the speech cut to them, and the frame rate."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import comfy_adapter
@@ -30,37 +31,46 @@ class EmoCASTSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        weight = {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05}
+        from ..emocast_core.sampling_settings import SamplingSettings as S
+
+        weight = {"min": 0.0, "max": 3.0, "step": 0.05}
+        pose, face, lip = S.weights
         return {"required": {
             "model": ("EMOCAST_MODEL", {"tooltip": "The models from the 'EmoCAST Load Models' node."}),
             "face": ("EMOCAST_FACE", {"tooltip": "From the 'EmoCAST Face' node."}),
             "audio_features": ("EMOCAST_AUDIO", {"tooltip": "From the 'EmoCAST Audio' node; sets the video length "
                                                             "and the clip length."}),
             "emotion": ("EMOCAST_EMOTION", {"tooltip": "From the 'EmoCAST Emotion' node."}),
-            "steps": ("INT", {"default": 40, "min": 1, "max": 200,
-                              "tooltip": "Denoising steps per clip (40 as released; fewer is faster and rougher)."}),
-            "cfg": ("FLOAT", {"default": 3.5, "min": 1.05, "max": 20.0, "step": 0.05,
-                              "tooltip": "Classifier-free guidance scale (3.5 as released; must be above 1)."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": SEED_MAX,
+            "steps": ("INT", {"default": S.steps, "min": 1, "max": 200,
+                              "tooltip": f"Denoising steps per clip ({S.steps} as released; fewer is faster and "
+                                         "rougher)."}),
+            "cfg": ("FLOAT", {"default": S.cfg, "min": 1.05, "max": 20.0, "step": 0.05,
+                              "tooltip": f"Classifier-free guidance scale ({S.cfg} as released; must be above 1)."}),
+            "seed": ("INT", {"default": S.seed, "min": 0, "max": SEED_MAX,
                              "tooltip": "Seed of the noise; the same seed and inputs give the same video."}),
-            "pose_weight": ("FLOAT", dict(weight, tooltip="Weight of the audio on head pose (background mask).")),
-            "face_weight": ("FLOAT", dict(weight, tooltip="Weight of the audio on the facial expression.")),
-            "lip_weight": ("FLOAT", dict(weight, tooltip="Weight of the audio on the lip movement.")),
-            "decode_batch": ("INT", {"default": 4, "min": 1, "max": 32,
+            "pose_weight": ("FLOAT", dict(weight, default=pose,
+                                          tooltip="Weight of the audio on head pose (background mask).")),
+            "face_weight": ("FLOAT", dict(weight, default=face, tooltip="Weight of the audio on the facial expression.")),
+            "lip_weight": ("FLOAT", dict(weight, default=lip, tooltip="Weight of the audio on the lip movement.")),
+            "decode_batch": ("INT", {"default": S.decode_batch, "min": 1, "max": 32,
                                      "tooltip": "Frames the VAE decodes at once; 1 uses the least memory."}),
         }}
 
     def sample(self, model: "ModelHandle", face: "FaceInput", audio_features: "AudioInput",
-               emotion: "EmotionInput", steps: int = 40, cfg: float = 3.5, seed: int = 42, pose_weight: float = 1.0,
-               face_weight: float = 1.0, lip_weight: float = 1.0, decode_batch: int = 4) -> tuple[Any, ...]:
+               emotion: "EmotionInput", steps: int | None = None, cfg: float | None = None, seed: int | None = None,
+               pose_weight: float | None = None, face_weight: float | None = None, lip_weight: float | None = None,
+               decode_batch: int | None = None) -> tuple[Any, ...]:
+        """ComfyUI passes every widget; a widget left out (a script calling the node) takes the library's default."""
         from ..emocast_core.generation_steps import sample
-        from ..emocast_core.sampling import GenerationCancelled, Progress, SamplingSettings
+        from ..emocast_core.sampling import GenerationCancelled, Progress
+        from ..emocast_core.sampling_settings import SamplingSettings
         from . import tensors
 
-        settings = SamplingSettings(steps=int(steps), cfg=float(cfg), seed=int(seed),
-                                    clip_length=audio_features.clip_length,
-                                    weights=(float(pose_weight), float(face_weight), float(lip_weight)),
-                                    decode_batch=int(decode_batch))
+        default = SamplingSettings(clip_length=audio_features.clip_length)
+        given = {"steps": steps, "cfg": cfg, "seed": seed, "decode_batch": decode_batch}
+        settings = replace(default, **{k: type(getattr(default, k))(v) for k, v in given.items() if v is not None},
+                           weights=tuple(d if w is None else float(w)
+                                         for w, d in zip((pose_weight, face_weight, lip_weight), default.weights)))
         settings.validate()  # before any model is moved to the device
         total = audio_features.features.num_clips * settings.steps
         update = comfy_adapter.make_progress(total)

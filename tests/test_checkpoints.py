@@ -15,7 +15,7 @@ import torch
 
 from conftest import FIXTURES
 from emocast_core import checkpoints as ck
-from emocast_core.__main__ import main as cli_main
+from emocast_core.cli import main as cli_main
 from emocast_core.checkpoints.layout import _format_indices
 from emocast_core.config import NetConfig
 from training.init_weights import init_from_pretrained

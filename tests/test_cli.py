@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from emocast_core.__main__ import main
-from emocast_core.commands import selftest, write_wav
+from emocast_core.cli import main
+from emocast_core.cli.selftest import selftest, write_wav
 from emocast_core.model_paths import ModelPaths
 from emocast_core.pipeline import GenerationCancelled, GenerationRequest, generate_video
 from emocast_core.runtime import EmoCASTModels
 from emocast_core.preprocess.audio import load_audio
-from emocast_core.sampling import SamplingSettings
+from emocast_core.sampling_settings import SamplingSettings
 from emocast_core.testing.speech import synthesize_speech
 from emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
 from emocast_core.video import read_video
@@ -76,7 +76,7 @@ def test_stopping_mid_run_leaves_no_output(files, stop):
     root, models = files
     loaded = EmoCASTModels.load(ModelPaths.resolve(models), device="cpu", dtype="fp32")
     speech = load_audio(root / "speech.wav")
-    from emocast_core.commands import load_image
+    from emocast_core.cli.generate import load_image
     request = GenerationRequest(image=load_image(root / "portrait.jpg"), audio=speech, size=TINY_SIZE,
                                 sampling=SamplingSettings(steps=2, clip_length=8))
     out = root / f"stopped_{stop}" / "talking.mp4"

@@ -21,6 +21,7 @@ import torch
 
 from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtures)
 from conftest import CORE_NODE_SPEC, PACK, ROOT, load_pack
+from emocast_core.sampling_settings import SamplingSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
 
@@ -90,9 +91,11 @@ def test_node_metadata():
 def test_sampler_defaults_and_outputs_fit_create_video():
     required = NODES["EmoCASTSampler"].INPUT_TYPES()["required"]
     defaults = {k: v[1].get("default") for k, v in required.items()}
-    assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (40, 3.5, 42)
-    assert defaults["pose_weight"] == defaults["face_weight"] == defaults["lip_weight"] == 1.0
-    assert NODES["EmoCASTAudio"].INPUT_TYPES()["required"]["clip_length"][1]["default"] == 16
+    release = SamplingSettings()
+    assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (release.steps, release.cfg, release.seed)
+    assert (defaults["pose_weight"], defaults["face_weight"], defaults["lip_weight"]) == release.weights
+    assert defaults["decode_batch"] == release.decode_batch
+    assert NODES["EmoCASTAudio"].INPUT_TYPES()["required"]["clip_length"][1]["default"] == release.clip_length
     core = json.loads(CORE_NODE_SPEC.read_text())["CreateVideo"]
     create_inputs = {**core["input"]["required"], **core["input"]["optional"]}
     sampler = NODES["EmoCASTSampler"]
@@ -101,6 +104,36 @@ def test_sampler_defaults_and_outputs_fit_create_video():
     assert outputs["audio"] == create_inputs["audio"][0]
     assert outputs["fps"] == create_inputs["fps"][0]
     assert create_inputs["fps"][1]["min"] <= 25 <= create_inputs["fps"][1]["max"]
+
+
+def test_changed_sampling_defaults_reach_the_cli_and_the_widgets(monkeypatch, capsys):
+    """The defaults are written once, in SamplingSettings: the CLI's options and help and the nodes' widgets
+    read them from there."""
+    import emocast_core.sampling_settings as library
+    from emocast_core.cli import COMMANDS
+    from emocast_core.cli.table import build_parser
+
+    changed = {"steps": 17, "cfg": 2.25, "seed": 7, "clip_length": 12, "decode_batch": 3, "weights": (0.5, 0.75, 1.5)}
+    for module in (library, importlib.import_module(f"{PACK}.emocast_core.sampling_settings")):
+        for name, value in changed.items():
+            monkeypatch.setattr(module.SamplingSettings, name, value)
+
+    parser = build_parser(COMMANDS, "emocast", "test")
+    args = parser.parse_args(["generate", "--models", "m", "--image", "i.png", "--audio", "a.wav", "--out", "o.mp4"])
+    assert (args.steps, args.cfg, args.seed, args.clip_length) == (17, 2.25, 7, 12)
+    assert (args.pose_weight, args.face_weight, args.lip_weight) == (0.5, 0.75, 1.5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("DDIM steps per clip (default 17, as released)", "(default 2.25, as released)",
+                   "random seed (default 7, as released)", "frames generated together (default 12, as released)",
+                   "lip audio branch (default 1.5)"):
+        assert phrase in help_text
+
+    sampler = {k: v[1].get("default") for k, v in NODES["EmoCASTSampler"].INPUT_TYPES()["required"].items()}
+    assert (sampler["steps"], sampler["cfg"], sampler["seed"], sampler["decode_batch"]) == (17, 2.25, 7, 3)
+    assert (sampler["pose_weight"], sampler["face_weight"], sampler["lip_weight"]) == (0.5, 0.75, 1.5)
+    assert NODES["EmoCASTAudio"].INPUT_TYPES()["required"]["clip_length"][1]["default"] == 12
 
 
 # ---- model folders ---------------------------------------------------------------------------------------
@@ -377,7 +410,7 @@ def test_audio_node(encoded, speech, handle, monkeypatch):
 
 def test_sampler_outputs_progress_and_parity(encoded, handle, portrait, speech, monkeypatch):
     from emocast_pack.emocast_core.pipeline import GenerationRequest, generate
-    from emocast_pack.emocast_core.sampling import SamplingSettings
+    from emocast_pack.emocast_core.sampling_settings import SamplingSettings  # noqa: F811  (the pack's own)
     from emocast_pack.nodes import tensors
 
     updates, totals = [], []

@@ -12,7 +12,7 @@ from emocast_core.generation_steps import trim_audio
 from emocast_core.pipeline import GenerationCancelled, GenerationRequest, generate
 from emocast_core.runtime import EmoCASTModels, onnx_providers, resolve_dtype
 from emocast_core.preprocess.audio import AudioClip
-from emocast_core.sampling import SamplingSettings
+from emocast_core.sampling_settings import SamplingSettings
 from emocast_core.testing.speech import synthesize_speech
 from emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
 

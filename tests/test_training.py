@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `training` is run from the repository root, not
     sys.path.insert(0, str(ROOT))
 
 from emocast_core import checkpoints as ck  # noqa: E402
-from emocast_core.__main__ import main as emocast_cli  # noqa: E402
+from emocast_core.cli import main as emocast_cli  # noqa: E402
 from emocast_core.config import NetConfig  # noqa: E402
 from emocast_core.emotion import EmotionTextEncoder  # noqa: E402
 from emocast_core.models.denoising_unet import FrameConditioning  # noqa: E402
@@ -738,7 +738,7 @@ def test_smoke_chain_from_videos_trains_a_net_the_pipeline_generates_with(tmp_pa
     from emocast_core.pipeline import GenerationRequest, generate
     from emocast_core.runtime import EmoCASTModels
     from emocast_core.preprocess.audio import AudioClip
-    from emocast_core.sampling import SamplingSettings
+    from emocast_core.sampling_settings import SamplingSettings
     from emocast_core.testing.speech import synthesize_speech
     from emocast_core.video import read_video
     from training.smoke import SMOKE_PHASES, VIDEO_SOURCES, run_smoke

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from emocast_core.cli import run_cli
+from emocast_core.cli.table import Arg, Command, arg, build_parser, run_cli
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -88,49 +88,65 @@ def _run_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings and results")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage, what in ((1, "image level: ReferenceNet, spatial UNet, FaceLocator, face projection"),
-                        (2, "video level: audio projection, audio and motion modules")):
-        p = sub.add_parser(f"stage{stage}", help=f"train stage {stage} ({what})")
-        p.add_argument("--config", type=Path, required=True, help=f"YAML, e.g. training/configs/stage{stage}.yaml")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set data.batch_size=4 (repeatable)")
-        p.add_argument("--max-steps", type=int, help="shortcut for --set solver.max_train_steps=N")
-        p.add_argument("--output-dir", help="shortcut for --set output.dir=DIR")
-        p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-        p.set_defaults(run=_run_stage)
-    p = sub.add_parser("progressive", help="stage 2 in data phases (paper §3.4.2), each resuming the last")
-    p.add_argument("--config", type=Path, required=True, help="YAML, e.g. training/configs/progressive.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a value of the base stage-2 config in every phase (repeatable)")
-    p.set_defaults(run=_run_progressive)
-    p = sub.add_parser("prepare", help="videos -> prepared clip folders (frames, masks, embeddings, meta.json)")
-    p.add_argument("videos", type=Path, nargs="+", help="talking-head videos (square crops around the face)")
-    p.add_argument("--out", type=Path, required=True, help="dataset root to write the clip folders into")
-    p.add_argument("--models", type=Path, required=True, help="model folder with face_analysis/ and wav2vec2/")
-    p.add_argument("--mead", action="store_true", help="read identity / emotion / level from MEAD paths")
-    p.add_argument("--identity", help="identity of every video (without --mead)")
-    p.add_argument("--identity-per-video", action="store_true", help="each video is its own identity (HDTF)")
-    p.add_argument("--emotion", help="emotion of every video (without --mead)")
-    p.add_argument("--intensity", type=int, default=1, choices=(1, 2, 3))
-    p.add_argument("--source", default="", help="dataset name stored in meta.json (MEAD, HDTF, ...)")
-    p.add_argument("--face-every", type=int, default=1, help="run the face models on every n-th frame")
-    p.set_defaults(run=_run_prepare)
-    p = sub.add_parser("smoke", help="tiny models + synthetic talking-head videos: the whole chain (prepare, "
-                                     "stage 1, stage 2, progressive phases) in a few CPU steps")
-    p.add_argument("--out", type=Path, default=Path("training_smoke"), help="output folder (rerun: resumes)")
-    p.add_argument("--steps", type=int, default=3, help="steps per stage")
-    p.add_argument("--phase-steps", type=int, default=2, help="steps per progressive phase")
-    p.add_argument("--size", type=int, default=64, help="image size (multiple of 64)")
-    p.set_defaults(run=_run_smoke)
-    return parser
+def _stage_args(stage: int) -> tuple[Arg, ...]:
+    return (
+        arg("--config", type=Path, required=True, help=f"YAML, e.g. training/configs/stage{stage}.yaml"),
+        arg("--set", action="append", metavar="KEY=VALUE",
+            help="override a config value, e.g. --set data.batch_size=4 (repeatable)"),
+        arg("--max-steps", type=int, help="shortcut for --set solver.max_train_steps=N"),
+        arg("--output-dir", help="shortcut for --set output.dir=DIR"),
+        arg("--device", help="cpu, cuda, cuda:1 or auto"),
+    )
+
+
+def _progressive_args() -> tuple[Arg, ...]:
+    return (
+        arg("--config", type=Path, required=True, help="YAML, e.g. training/configs/progressive.yaml"),
+        arg("--set", action="append", metavar="KEY=VALUE",
+            help="override a value of the base stage-2 config in every phase (repeatable)"),
+    )
+
+
+def _prepare_args() -> tuple[Arg, ...]:
+    return (
+        arg("videos", type=Path, nargs="+", help="talking-head videos (square crops around the face)"),
+        arg("--out", type=Path, required=True, help="dataset root to write the clip folders into"),
+        arg("--models", type=Path, required=True, help="model folder with face_analysis/ and wav2vec2/"),
+        arg("--mead", action="store_true", help="read identity / emotion / level from MEAD paths"),
+        arg("--identity", help="identity of every video (without --mead)"),
+        arg("--identity-per-video", action="store_true", help="each video is its own identity (HDTF)"),
+        arg("--emotion", help="emotion of every video (without --mead)"),
+        arg("--intensity", type=int, default=1, choices=(1, 2, 3)),
+        arg("--source", default="", help="dataset name stored in meta.json (MEAD, HDTF, ...)"),
+        arg("--face-every", type=int, default=1, help="run the face models on every n-th frame"),
+    )
+
+
+def _smoke_args() -> tuple[Arg, ...]:
+    return (
+        arg("--out", type=Path, default=Path("training_smoke"), help="output folder (rerun: resumes)"),
+        arg("--steps", type=int, default=3, help="steps per stage"),
+        arg("--phase-steps", type=int, default=2, help="steps per progressive phase"),
+        arg("--size", type=int, default=64, help="image size (multiple of 64)"),
+    )
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("stage1", "train stage 1 (image level: ReferenceNet, spatial UNet, FaceLocator, face projection)",
+            _run_stage, lambda: _stage_args(1)),
+    Command("stage2", "train stage 2 (video level: audio projection, audio and motion modules)",
+            _run_stage, lambda: _stage_args(2)),
+    Command("progressive", "stage 2 in data phases (paper §3.4.2), each resuming the last", _run_progressive,
+            _progressive_args),
+    Command("prepare", "videos -> prepared clip folders (frames, masks, embeddings, meta.json)", _run_prepare,
+            _prepare_args),
+    Command("smoke", "tiny models + synthetic talking-head videos: the whole chain (prepare, stage 1, stage 2, "
+            "progressive phases) in a few CPU steps", _run_smoke, _smoke_args),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    return run_cli(build_parser(COMMANDS, "python -m training", __doc__.splitlines()[0]), argv)
 
 
 if __name__ == "__main__":
