@@ -33,7 +33,8 @@ class SamplingSettings:
             raise ValueError(f"steps must be at least 1 (got {self.steps})")
         if self.cfg <= 1.0:
             raise ValueError(f"cfg must be above 1.0 (got {self.cfg}): the model was trained with classifier-"
-                             f"free guidance and the release always runs both halves; {SamplingSettings.cfg} is the default")
+                             f"free guidance and the release always runs both halves; {SamplingSettings.cfg} is the "
+                             "default")
         if not 1 <= self.motion_frames < self.clip_length:
             raise ValueError("motion_frames must be between 1 and clip_length - 1")
         if self.clip_length + self.motion_frames > 32:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.generation_steps import AudioInput, EmotionInput, FaceInput
+    from ..emocast_core.generation_steps import AudioInput, EmotionInput
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"

@@ -15,8 +15,8 @@ import torch
 
 from ..config import NetConfig
 from ..models.net import PREFIXES, EmoCASTNet, build_net
-from .files import (CheckpointError, cast_floating, existing_file, is_safetensors, load_state_dict, parse_dtype, read_layout,
-                    read_metadata, save_safetensors)
+from .files import (CheckpointError, cast_floating, existing_file, is_safetensors, load_state_dict,
+                    parse_dtype, read_layout, read_metadata, save_safetensors)
 from .layout import compare_layout, group_keys
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from ..config import NetConfig
 from .emotive_audio_attention import EmotiveAudioModule
 from .motion_module import MotionModule
-from .reference_attention import ReferenceReader, plain_self_attention, spatial_transformer
-from .unet_body import build_sd_unet, has_attention, time_embedding, unet_body
+from .diffusers_unet import (DENOISING_PARTS, adopt_parts, build_sd_unet, has_attention, plain_self_attention,
+                             spatial_layer, spatial_transformer, time_embedding, unet_body)
+from .reference_attention import ReferenceReader
+from .text_guided_emotive_attention import install_decoupled_attention
 
 
 @dataclass
@@ -41,9 +43,8 @@ class DenoisingUNet(nn.Module):
     def __init__(self, config: NetConfig, zero_init: bool = True) -> None:
         super().__init__()
         base = build_sd_unet(config)
-        for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "up_blocks", "mid_block",
-                     "conv_norm_out", "conv_act", "conv_out"):
-            setattr(self, name, getattr(base, name))
+        install_decoupled_attention(base, config.context_dim, config.face_projection.tokens)
+        adopt_parts(self, base, DENOISING_PARTS)
         self.use_audio_module = config.use_audio_module
         self.use_motion_module = config.use_motion_module
         # Training only: recompute each spatial layer (transformer + audio + motion module) in the backward
@@ -110,7 +111,7 @@ class DenoisingUNet(nn.Module):
         self_attention = reference.self_attention if reference is not None else plain_self_attention
 
         def layer(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
-            h = spatial_transformer(block.attentions[j], h, context, path, self_attention)
+            h = spatial_transformer(spatial_layer(block, j), h, context, path, self_attention)
             if audio is not None:
                 h = block.audio_modules[j](h, audio, frame_cond.emotion, frame_cond.masks, frame_cond.weights)
             if self.use_motion_module:

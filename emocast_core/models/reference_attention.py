@@ -11,16 +11,14 @@ reproduces it and `per_sample` is the plain pairing for training batches.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .attention import attend, heads_attention, output_projection
-
-SelfAttention = Callable[[str, Attention, torch.Tensor], torch.Tensor]
+from .diffusers_unet import SelfAttention
 
 
 @dataclass(frozen=True)
@@ -134,34 +132,8 @@ class ReferenceReader:
         return bank[index]
 
 
-def plain_self_attention(_path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
-    return attend(attn, normed)
-
-
 def bank_writer(bank: ReferenceBank) -> SelfAttention:
     def write_then_attend(path: str, attn: Attention, normed: torch.Tensor) -> torch.Tensor:
         bank.write(path, normed)
         return attend(attn, normed)
     return write_then_attend
-
-
-def to_tokens(block: Transformer2DModel, x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H*W, C) after the wrapper's GroupNorm and input projection (row-major tokens)."""
-    h = block.proj_in(block.norm(x))
-    return h.flatten(2).transpose(1, 2)
-
-
-def spatial_transformer(block: Transformer2DModel, x: torch.Tensor, context: torch.Tensor, path: str,
-                        self_attention: SelfAttention = plain_self_attention) -> torch.Tensor:
-    """One SD spatial transformer (a diffusers `Transformer2DModel` with one block), per frame.
-
-    Driven here rather than through diffusers' forward because the self-attention must exchange
-    features with the other UNet; the sub-modules and their order are diffusers' own."""
-    n, c, height, width = x.shape
-    h = to_tokens(block, x)
-    tb = block.transformer_blocks[0]
-    h = self_attention(path, tb.attn1, tb.norm1(h)) + h
-    h = tb.attn2(tb.norm2(h), encoder_hidden_states=context) + h
-    h = tb.ff(tb.norm3(h)) + h
-    h = h.transpose(1, 2).reshape(n, c, height, width)
-    return block.proj_out(h) + x

@@ -10,20 +10,18 @@ import torch
 from torch import nn
 
 from ..config import NetConfig
-from .reference_attention import ReferenceBank, bank_writer, spatial_transformer, to_tokens
-from .unet_body import attention_paths, build_sd_unet, time_embedding, unet_body
+from .diffusers_unet import (REFERENCE_PARTS, adopt_parts, attention_paths, build_sd_unet, self_attention_input,
+                             spatial_layer, spatial_transformer, time_embedding, unet_body)
+from .reference_attention import ReferenceBank, bank_writer
+from .text_guided_emotive_attention import install_decoupled_attention
 
 
 class ReferenceNet(nn.Module):
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         base = build_sd_unet(config)
-        self.conv_in = base.conv_in
-        self.time_proj = base.time_proj
-        self.time_embedding = base.time_embedding
-        self.down_blocks = base.down_blocks
-        self.mid_block = base.mid_block
-        self.up_blocks = base.up_blocks
+        install_decoupled_attention(base, config.context_dim, config.face_projection.tokens)
+        adopt_parts(self, base, REFERENCE_PARTS)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor,
                 timestep: torch.Tensor | float = 0) -> ReferenceBank:
@@ -33,10 +31,9 @@ class ReferenceNet(nn.Module):
         last = attention_paths(self)[-1]
 
         def layer(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
-            attn_block = block.attentions[j]
+            attn_block = spatial_layer(block, j)
             if path == last:  # the final write; the rest of the network is unused
-                tb = attn_block.transformer_blocks[0]
-                bank.write(path, tb.norm1(to_tokens(attn_block, h)))
+                bank.write(path, self_attention_input(attn_block, h))
                 return h
             return spatial_transformer(attn_block, h, context, path, write)
 

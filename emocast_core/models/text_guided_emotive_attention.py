@@ -8,11 +8,11 @@ summed before the single output projection. Text padding positions stay visible 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .attention import heads_attention, output_projection
+from .diffusers_unet import cross_attentions
 
 
 class DecoupledCrossAttnProcessor(nn.Module):
@@ -44,7 +44,5 @@ class DecoupledCrossAttnProcessor(nn.Module):
 
 def install_decoupled_attention(unet: nn.Module, context_dim: int, face_tokens: int) -> None:
     """Give the cross-attention (`attn2`) of every spatial transformer block its decoupled processor."""
-    for module in unet.modules():
-        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None:
-            hidden = module.attn2.to_q.out_features
-            module.attn2.set_processor(DecoupledCrossAttnProcessor(hidden, context_dim, face_tokens))
+    for attn in cross_attentions(unet):
+        attn.set_processor(DecoupledCrossAttnProcessor(attn.to_q.out_features, context_dim, face_tokens))
