@@ -56,8 +56,14 @@ class Progress:
     steps: int
 
     @property
-    def fraction(self) -> float:
-        return (self.clip * self.steps + self.step) / (self.clips * self.steps)
+    def done(self) -> int:
+        """Denoising steps finished over the whole video."""
+        return self.clip * self.steps + self.step
+
+    @property
+    def total(self) -> int:
+        """Denoising steps of the whole video."""
+        return self.clips * self.steps
 
 
 @dataclass

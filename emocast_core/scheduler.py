@@ -29,9 +29,6 @@ OFFICIAL_INFERENCE_SETTINGS: MappingProxyType = MappingProxyType({
     "timestep_spacing": "trailing",
 })
 
-OFFICIAL_INFERENCE_STEPS = 40
-OFFICIAL_SEED = 42
-
 # The legacy half-precision sampler below draws uniforms with 11 random bits (fp16 mantissa + 1).
 _HALF_UNIFORM_BITS = 11
 _BLOCK = 16  # the legacy kernel transforms uniforms in blocks of 16 (8 radii x 8 angles)

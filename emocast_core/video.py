@@ -52,13 +52,6 @@ _SCALING = _accurate_scaling()
 FrameChunk = torch.Tensor | np.ndarray
 
 
-def mux_audio_length(num_frames: int, fps: float = FPS) -> float:
-    """Seconds of audio that accompany `num_frames` video frames at `fps` (the track is cut/padded to it)."""
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
-    return float(num_frames / _fps_fraction(fps))
-
-
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) float in [0, 1] -> (T, H, W, 3) uint8 as `floor(255·x)` after clamping.
 

@@ -44,10 +44,6 @@ def _comfy_module(name: str) -> ModuleType | None:
         raise
 
 
-def comfy_present() -> bool:
-    return _comfy_module("folder_paths") is not None
-
-
 def register_model_folder() -> Path | None:
     """Register `<ComfyUI models>/emocast` under the `emocast` key; returns it (None without ComfyUI)."""
     folder_paths = _comfy_module("folder_paths")

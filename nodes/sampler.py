@@ -77,7 +77,7 @@ class EmoCASTSampler:
         update = comfy_adapter.make_progress(total)
 
         def progress(p: Progress) -> None:
-            update(p.clip * p.steps + p.step)
+            update(p.done)
 
         try:
             with model.use("net", "vae") as models:

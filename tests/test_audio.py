@@ -95,7 +95,7 @@ def test_ten_seconds_pad_to_whole_clips(encoder: Wav2Vec2AudioEncoder, speech: n
     waveform = torch.from_numpy(np.resize(speech, 160000))
     features = encoder.encode(waveform, clip_length=16)
     assert (features.num_frames, features.num_padded_frames, features.num_clips) == (250, 256, 16)
-    assert features.features.shape == (256, encoder.num_layers, encoder.hidden_size)
+    assert features.features.shape == (256, encoder.model.config.num_hidden_layers, encoder.hidden_size)
     normalized = encoder.normalize(waveform)
     assert abs(normalized.mean().item()) < 1e-4 and abs(normalized.std().item() - 1) < 1e-3
     # Whole-utterance normalisation removes the input gain.

@@ -61,7 +61,8 @@ def test_generate_frames_audio_and_progress(models, portrait, speech):
     assert result.audio.waveform[:, n:].abs().max() == 0
     clips = math.ceil(expected_frames / 8)
     assert [(e.clip, e.step) for e in events] == [(c, s) for c in range(clips) for s in (1, 2)]
-    assert events[-1].fraction == 1.0 and events[0].clips == clips
+    assert [e.done for e in events] == list(range(1, 2 * clips + 1)) and events[-1].done == events[-1].total
+    assert events[0].clips == clips
 
 
 def test_generation_is_seeded(models, portrait, speech):

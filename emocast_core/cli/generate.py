@@ -43,7 +43,7 @@ class TqdmProgress:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=p.clips * p.steps, unit="step", desc="EmoCAST")
+            self.bar = tqdm(total=p.total, unit="step", desc="EmoCAST")
         self.bar.set_postfix_str(f"clip {p.clip + 1}/{p.clips}")
         self.bar.update(1)
 

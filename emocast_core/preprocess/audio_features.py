@@ -110,10 +110,6 @@ class Wav2Vec2AudioEncoder:
         return next(self.model.parameters()).device
 
     @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
-
-    @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 

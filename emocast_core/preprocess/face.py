@@ -232,10 +232,6 @@ class FaceAnalyzer:
         app.prepare(ctx_id=0, det_thresh=det_thresh, det_size=tuple(det_size))
         return cls(app=app, model_dir=model_dir, mediapipe=mediapipe)
 
-    @property
-    def landmark_source(self) -> str:
-        return "mediapipe" if self.mediapipe is not None else "insightface-2d106"
-
     def detect(self, image_rgb: np.ndarray) -> list[Any]:
         """insightface faces of an RGB uint8 image, largest box area first."""
         faces = self.app.get(np.ascontiguousarray(image_rgb[..., ::-1]))  # insightface expects BGR

@@ -183,11 +183,6 @@ class RegionMasks:
     face: list[torch.Tensor]
     lip: list[torch.Tensor]
 
-    @property
-    def sizes(self) -> list[int]:
-        """Side length of each level's square map."""
-        return [int(round(level.numel() ** 0.5)) for level in self.full]
-
 
 def build_region_masks(face_rect: Rect, lip_rect: Rect, width: int, height: int,
                        latent_size: int) -> RegionMasks:
