@@ -1,6 +1,6 @@
 """Emotion-text conditioning: CLIP text embeddings of the emotion prompt, per video frame.
 
-The official model (ARCHITECTURE.md §3.6 steps 3-5 and 13) encodes one emotion prompt with the CLIP-L text
+The official model (docs/model.md §4.7, §5.4–5.5; docs/release_quirks.md §4, §11) encodes one emotion prompt with the CLIP-L text
 tower and uses it twice: as the 77 text tokens of the spatial cross-attention (the unconditional CFG half
 gets CLIP("") there), and as the per-frame queries of the emotive audio attention (both CFG halves get the
 prompt). We generalise the single prompt to a timeline of prompts, e.g.
@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from .rates import FPS
 
 _WEIGHT_SNAP = 1e-9  # blend weights this close to 0 or 1 are rounding noise of the frame times
 
@@ -181,9 +183,9 @@ def validate_emotion_keys(keys: Sequence[EmotionKey]) -> None:
         previous = key.time
 
 
-# ---- per-frame conditioning ------------------------------------------------------------------------------
+# ---- per-frame schedule -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class EmotionConditioning:
+class EmotionSchedule:
     """Emotion text embeddings for a whole video.
 
     ``per_frame`` (num_frames, 77, width): the emotion of every output frame; it feeds the emotive audio
@@ -231,18 +233,18 @@ class EmotionConditioning:
         return per_frame[middle:middle + 1].clone(), per_frame
 
     def to(self, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> "EmotionConditioning":
+           dtype: torch.dtype | None = None) -> "EmotionSchedule":
         """A copy with every tensor moved/cast (e.g. to the sampler's device and fp16)."""
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
-        return EmotionConditioning(move(self.per_frame), move(self.prompt_embedding), move(self.uncond),
-                                   self.keys, self.fps)
+        return EmotionSchedule(move(self.per_frame), move(self.prompt_embedding), move(self.uncond),
+                               self.keys, self.fps)
 
 
-def build_emotion_conditioning(encoder: PromptEncoder, timeline_or_prompt: str | Sequence[EmotionKey],
-                               num_frames: int, fps: float = 25.0, crossfade: float = 0.5,
-                               strength: float = 1.0,
-                               neutral_prompt: str = UNCOND_PROMPT) -> EmotionConditioning:
+def build_emotion_schedule(encoder: PromptEncoder, timeline_or_prompt: str | Sequence[EmotionKey],
+                           num_frames: int, fps: float = FPS, crossfade: float = 0.5,
+                           strength: float = 1.0,
+                           neutral_prompt: str = UNCOND_PROMPT) -> EmotionSchedule:
     """Encode the emotion timeline (or a plain prompt) and give every frame its embedding.
 
     Frame ``f`` is at ``f / fps`` seconds. The emotion of key k starts changing *at* its time ``T_k`` and
@@ -280,7 +282,7 @@ def build_emotion_conditioning(encoder: PromptEncoder, timeline_or_prompt: str |
     else:
         source, target, weight = _blend_schedule([k.time for k in keys], num_frames, fps, crossfade)
         per_frame = _blend(key_embeddings, source, target, weight)
-    return EmotionConditioning(per_frame, key_embeddings, uncond, tuple(keys), float(fps))
+    return EmotionSchedule(per_frame, key_embeddings, uncond, tuple(keys), float(fps))
 
 
 def _check_schedule_args(num_frames: int, fps: float, crossfade: float, strength: float) -> None:

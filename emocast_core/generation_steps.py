@@ -8,8 +8,8 @@ encoding in its own step so that changing one input (or only the seed) does not 
 `pipeline.generate`.
 
 The emotion can be encoded before the video length is known: `encode_emotion` runs the text encoder on
-every prompt of the timeline once, and `EmotionInput.conditioning` lays the stored embeddings out over
-the frames later (the library's `build_emotion_conditioning` does both, fed from a lookup table).
+every prompt of the timeline once, and `EncodedEmotion.schedule` lays the stored embeddings out over
+the frames later (the library's `build_emotion_schedule` does both, fed from a lookup table).
 """
 from __future__ import annotations
 
@@ -22,18 +22,18 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .emotion import EmotionConditioning, EmotionKey, build_emotion_conditioning, parse_emotion_timeline
+from .emotion import EmotionSchedule, EmotionKey, build_emotion_schedule, parse_emotion_timeline
 from .preprocess.audio import AudioClip
 from .preprocess.audio_features import AudioFeatures, extract_audio_features
-from .preprocess.face import FaceConditioning, prepare_face
+from .preprocess.face import PreparedFace, prepare_face
 from .rates import FPS
 from .runtime import EmoCASTModels
-from .sampling import IMAGE_SIZE_MULTIPLE, Progress, VideoConditioning, iter_clips
+from .sampling import IMAGE_SIZE_MULTIPLE, Progress, SamplerInputs, iter_clips
 from .sampling_settings import SamplingSettings
 
 log = logging.getLogger("emocast_core.generation_steps")
 
-__all__ = ["AudioInput", "EmotionInput", "FaceInput", "GenerationResult", "PromptTable", "encode_audio",
+__all__ = ["EncodedAudio", "EncodedEmotion", "EncodedFace", "GenerationResult", "PromptTable", "encode_audio",
            "encode_emotion", "encode_face", "prepare", "sample", "sample_clips", "trim_audio"]
 
 
@@ -42,7 +42,7 @@ class GenerationResult:
     frames: torch.Tensor  # (T, 3, H, W) float32 in [0, 1]
     audio: AudioClip  # the input speech cut to exactly T / fps seconds
     fps: int
-    face: FaceConditioning
+    face: PreparedFace
 
     @property
     def num_frames(self) -> int:
@@ -59,20 +59,20 @@ def trim_audio(audio: AudioClip, num_frames: int, fps: int = FPS) -> AudioClip:
 
 
 @dataclass(frozen=True)
-class FaceInput:
-    """The portrait's conditioning plus the size of the image it came from (for pasting the face back)."""
+class EncodedFace:
+    """The prepared portrait plus the size of the image it came from (for pasting the face back)."""
 
-    conditioning: FaceConditioning
+    prepared: PreparedFace
     image_size: tuple[int, int]  # (width, height) of the original portrait
 
     @property
     def size(self) -> int:
         """Side of the square frames generated from this face."""
-        return int(self.conditioning.reference.shape[-1])
+        return int(self.prepared.reference.shape[-1])
 
 
 @dataclass(frozen=True)
-class AudioInput:
+class EncodedAudio:
     """The speech as given (kept for the output track) and its wav2vec2 features padded to whole clips."""
 
     clip: AudioClip
@@ -115,7 +115,7 @@ class _RecordingEncoder:
 
 
 @dataclass(frozen=True)
-class EmotionInput:
+class EncodedEmotion:
     """An emotion prompt or timeline with the text embeddings of every prompt it needs."""
 
     text: str
@@ -124,44 +124,44 @@ class EmotionInput:
     strength: float
     embeddings: Mapping[str, torch.Tensor]
 
-    def conditioning(self, num_frames: int, fps: float = FPS) -> EmotionConditioning:
+    def schedule(self, num_frames: int, fps: float = FPS) -> EmotionSchedule:
         """The per-frame emotion of a video of `num_frames` frames (no text encoder needed)."""
-        return build_emotion_conditioning(PromptTable(self.embeddings), self.text, num_frames, fps=fps,
-                                          crossfade=self.crossfade, strength=self.strength)
+        return build_emotion_schedule(PromptTable(self.embeddings), self.text, num_frames, fps=fps,
+                                      crossfade=self.crossfade, strength=self.strength)
 
 
-def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop: bool = True) -> FaceInput:
+def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop: bool = True) -> EncodedFace:
     """Portrait (H, W, 3) RGB uint8 -> face conditioning at `size` x `size` (see `prepare_face`)."""
     if size % IMAGE_SIZE_MULTIPLE or size < IMAGE_SIZE_MULTIPLE:
         raise ValueError(f"size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (got {size})")
     face = prepare_face(image, models.face_analyzer, size=size, crop=crop)
     height, width = image.shape[:2]
-    return FaceInput(face, (int(width), int(height)))
+    return EncodedFace(face, (int(width), int(height)))
 
 
 def encode_audio(models: EmoCASTModels, clip: AudioClip, clip_length: int = SamplingSettings.clip_length,
-                 separate_vocals: bool = True) -> AudioInput:
+                 separate_vocals: bool = True) -> EncodedAudio:
     """Speech -> (vocals, when the models have a separator and `separate_vocals`) -> wav2vec2 features
     padded to whole clips of `clip_length` frames (the sampler's clip)."""
     separator = models.separator if separate_vocals else None
     features = extract_audio_features(clip, models.audio_encoder, clip_length, separator=separator, fps=FPS)
-    return AudioInput(clip, features)
+    return EncodedAudio(clip, features)
 
 
-def encode_emotion(models: EmoCASTModels, text: str, crossfade: float = 0.5, strength: float = 1.0) -> EmotionInput:
+def encode_emotion(models: EmoCASTModels, text: str, crossfade: float = 0.5, strength: float = 1.0) -> EncodedEmotion:
     """Parse and check the prompt / timeline and encode each prompt it uses, once.
 
-    The check is a real `build_emotion_conditioning` call on a one-frame video, so a bad timeline, a
+    The check is a real `build_emotion_schedule` call on a one-frame video, so a bad timeline, a
     prompt longer than CLIP's 77 tokens or a bad crossfade / strength is reported here, not at sampling.
     """
     recorder = _RecordingEncoder(models.text_encoder)
-    build_emotion_conditioning(recorder, text, 1, fps=FPS, crossfade=crossfade, strength=strength)
+    build_emotion_schedule(recorder, text, 1, fps=FPS, crossfade=crossfade, strength=strength)
     keys = tuple(parse_emotion_timeline(text))
-    return EmotionInput(text, keys, float(crossfade), float(strength), MappingProxyType(recorder.embeddings))
+    return EncodedEmotion(text, keys, float(crossfade), float(strength), MappingProxyType(recorder.embeddings))
 
 
-def prepare(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
-            settings: SamplingSettings) -> VideoConditioning:
+def prepare(models: EmoCASTModels, face: EncodedFace, audio: EncodedAudio, emotion: EncodedEmotion,
+            settings: SamplingSettings) -> SamplerInputs:
     """Check the settings against the encoded inputs and assemble the sampler's input (every sampling path
     starts here)."""
     settings.validate()
@@ -169,19 +169,19 @@ def prepare(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: 
         raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
                          f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
                          f"{settings.clip_length}")
-    f = face.conditioning
-    cond = VideoConditioning(
+    f = face.prepared
+    cond = SamplerInputs(
         reference=f.reference, face_region=f.face_region, identity=f.identity,
-        masks=[f.masks.full, f.masks.face, f.masks.lip],
+        masks=[f.masks.pose, f.masks.face, f.masks.lip],
         audio_windows=audio.features.windows(models.net.config.audio_projection.window),
-        num_frames=audio.num_frames, emotion=emotion.conditioning(audio.num_frames))
+        num_frames=audio.num_frames, emotion=emotion.schedule(audio.num_frames))
     log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s", cond.num_frames,
              audio.features.num_clips, settings.clip_length, face.size, face.size, settings.steps, settings.cfg,
              str(models.dtype).removeprefix("torch."), models.device)
     return cond
 
 
-def sample_clips(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
+def sample_clips(models: EmoCASTModels, face: EncodedFace, audio: EncodedAudio, emotion: EncodedEmotion,
                  settings: SamplingSettings, progress: Callable[[Progress], None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
     """The video clip by clip, each (frames, 3, H, W) float32 in [0, 1] on the CPU (see `sampling.iter_clips`)."""
@@ -190,9 +190,9 @@ def sample_clips(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emot
                       dtype=models.dtype, progress=progress, cancel=cancel)
 
 
-def sample(models: EmoCASTModels, face: FaceInput, audio: AudioInput, emotion: EmotionInput,
+def sample(models: EmoCASTModels, face: EncodedFace, audio: EncodedAudio, emotion: EncodedEmotion,
            settings: SamplingSettings, progress: Callable[[Progress], None] | None = None,
            cancel: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate the video frames and the speech cut to them (see `pipeline.generate`)."""
     frames = torch.cat(list(sample_clips(models, face, audio, emotion, settings, progress, cancel)))
-    return GenerationResult(frames, trim_audio(audio.clip, frames.shape[0]), FPS, face.conditioning)
+    return GenerationResult(frames, trim_audio(audio.clip, frames.shape[0]), FPS, face.prepared)

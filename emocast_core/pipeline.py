@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation_steps import (AudioInput, EmotionInput, FaceInput, GenerationResult, encode_audio, encode_emotion,
+from .generation_steps import (EncodedAudio, EncodedEmotion, EncodedFace, GenerationResult, encode_audio, encode_emotion,
                                encode_face, sample, sample_clips, trim_audio)
 from .preprocess.audio import AudioClip
 from .rates import FPS
@@ -36,7 +36,7 @@ class GenerationRequest:
     separate_vocals: bool = True  # when the model folder has a separator (as released: always on)
 
 
-def encode_request(models: EmoCASTModels, request: GenerationRequest) -> tuple[FaceInput, AudioInput, EmotionInput]:
+def encode_request(models: EmoCASTModels, request: GenerationRequest) -> tuple[EncodedFace, EncodedAudio, EncodedEmotion]:
     """Preprocess the three inputs (errors name the input at fault)."""
     face = encode_face(models, request.image, request.size, request.crop)
     audio = encode_audio(models, request.audio, request.sampling.clip_length, request.separate_vocals)

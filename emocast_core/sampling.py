@@ -1,6 +1,6 @@
 """The emotive sampler: DDIM with classifier-free guidance over 16-frame clips chained by motion frames.
 
-It reproduces the released inference loop (ARCHITECTURE.md §3.4–3.6): the ReferenceNet runs once per clip
+It reproduces the released inference loop (docs/model.md §5.3–5.5, docs/release_quirks.md §3–6): the ReferenceNet runs once per clip
 on `[reference, motion frame 1, motion frame 2]`; the unconditional half of the guidance batch gets empty
 text, the projection of a zero identity, no face-locator features and zero audio tokens, but the same
 emotion text in the audio attention and the same masks; the noise of every clip is drawn in the run dtype
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
-from .emotion import EmotionConditioning
-from .models.denoising_unet import FrameConditioning
+from .emotion import EmotionSchedule
+from .models.denoising_unet import AudioAttentionInputs
 from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
 from .sampling_settings import SamplingSettings
@@ -31,11 +31,11 @@ class GenerationCancelled(RuntimeError):
 
 
 @dataclass
-class VideoConditioning:
+class SamplerInputs:
     """Everything the sampler needs, already preprocessed.
 
     reference: (3, H, W) in [-1, 1]; face_region: (3, H, W) in [0, 1] (FaceLocator input); identity: (512,)
-    raw ArcFace embedding; masks: (full, face, lip), each a list over the 4 UNet levels of (L,) or (1, L)
+    raw ArcFace embedding; masks: (pose, face, lip), each a list over the 4 UNet levels of (L,) or (1, L)
     tensors in [0, 1]; audio_windows: (N_pad, window, layers, channels) wav2vec2 windows, N_pad a multiple
     of the clip length; num_frames: frames to keep (the audio's length at 25 fps)."""
 
@@ -45,7 +45,7 @@ class VideoConditioning:
     masks: Sequence[Sequence[torch.Tensor]]
     audio_windows: torch.Tensor
     num_frames: int
-    emotion: EmotionConditioning
+    emotion: EmotionSchedule
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class _Prepared:
     masks: list[list[torch.Tensor]] = field(default_factory=list)
 
 
-def _prepare(net: EmoCASTNet, cond: VideoConditioning, device: torch.device, dtype: torch.dtype) -> _Prepared:
+def _prepare(net: EmoCASTNet, cond: SamplerInputs, device: torch.device, dtype: torch.dtype) -> _Prepared:
     identity = cond.identity.reshape(1, -1).to(device, dtype)
     face_tokens = net.imageproj(torch.cat([torch.zeros_like(identity), identity]))
     located = net.face_locator(cond.face_region[None].to(device, dtype))
@@ -111,7 +111,7 @@ def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, p
     context = torch.cat([torch.cat([unconditional_text, text]), prepared.face_tokens], dim=1)  # (2, 77+4, D)
 
     audio = net.audioproj(audio_windows[None])
-    frame_cond = FrameConditioning(
+    audio_inputs = AudioAttentionInputs(
         audio=torch.cat([torch.zeros_like(audio), audio]),
         emotion=torch.cat([per_frame_text, per_frame_text]),  # both halves get the prompt
         masks=prepared.masks,
@@ -125,7 +125,7 @@ def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, p
                              ReferencePairing.official_cfg(frames, settings.motion_frames))
     latents = noise
     for i, t in enumerate(scheduler.timesteps):
-        v = net.denoising_unet(torch.cat([latents, latents]), t, context, frame_cond,
+        v = net.denoising_unet(torch.cat([latents, latents]), t, context, audio_inputs,
                                face_features=prepared.face_features, reference=reader)
         v_uncond, v_cond = v.chunk(2)
         v = v_uncond + settings.cfg * (v_cond - v_uncond)
@@ -135,7 +135,7 @@ def sample_clip(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, p
     return _decode(vae, latents, settings.decode_batch)
 
 
-def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: VideoConditioning,
+def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: SamplerInputs,
                     settings: SamplingSettings, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32,
                     progress: Callable[[Progress], None] | None = None,
@@ -148,7 +148,7 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
 
 
 @torch.no_grad()
-def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: VideoConditioning,
+def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: SamplerInputs,
                settings: SamplingSettings, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32,
                progress: Callable[[Progress], None] | None = None,

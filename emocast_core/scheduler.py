@@ -1,7 +1,7 @@
-"""Noise scheduler and initial noise of the EmoCAST sampler (ARCHITECTURE.md §8, §11 items 6-7).
+"""Noise scheduler and initial noise of the EmoCAST sampler (docs/model.md §5.6–5.7, docs/release_quirks.md §6–7).
 
 The official inference builds a diffusers ``DDIMScheduler`` from ``configs/inference/default.yaml`` plus the
-zero-SNR switches; training uses the same settings with ``"scaled_linear"`` betas (§9). We use diffusers'
+zero-SNR switches; training uses the same settings with ``"scaled_linear"`` betas (docs/model.md §6.2). We use diffusers'
 scheduler as is and only fix its configuration here.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ OFFICIAL_INFERENCE_SETTINGS: MappingProxyType = MappingProxyType({
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
-    "beta_schedule": "linear",  # inference uses "linear"; the training script overrides it (§10 item 4)
+    "beta_schedule": "linear",  # inference uses "linear"; the training script overrides it (docs/release_quirks.md §7)
     "clip_sample": False,
     "set_alpha_to_one": True,  # the last step returns x0 (final alpha_cumprod 1.0)
     "steps_offset": 1,  # ignored by "trailing" spacing, kept because the official config sets it
@@ -53,7 +53,7 @@ def make_scheduler(**overrides: Any) -> DDIMScheduler:
 
 
 def make_training_scheduler(**overrides: Any) -> DDIMScheduler:
-    """The training noise scheduler: the inference settings with ``"scaled_linear"`` betas (§9).
+    """The training noise scheduler: the inference settings with ``"scaled_linear"`` betas (docs/model.md §6.2).
 
     The official training script copies the inference kwargs and only switches the beta schedule, so
     zero-SNR rescaling and the v-prediction target stay on.

@@ -1,6 +1,6 @@
 """Video output: generated frames + the original speech -> MP4 (H.264 yuv420p + AAC), written atomically.
 
-Differences from the official release (ARCHITECTURE.md §3.7), on purpose:
+Differences from the official release (docs/release_quirks.md §15), on purpose:
 - Frame `i` gets the presentation time exactly `i / fps` (integer timestamps in a `1/fps` time base), so
   no frame is ever duplicated or dropped; the release samples a float clock and repeats a few frames.
 - The file appears at its destination only once complete (a hidden `.partial.mp4` sibling is renamed

@@ -4,7 +4,7 @@ Importing this package is cheap: it registers the `emocast` model folder and def
 torch and the models are imported by the node functions when they run.
 """
 from . import comfy_adapter
-from .conditioning import EmoCASTAudio, EmoCASTEmotion, EmoCASTFace
+from .encoders import EmoCASTAudio, EmoCASTEmotion, EmoCASTFace
 from .loader import EmoCASTLoader, EmoCASTUnloadModels
 from .paste_back import EmoCASTPasteBack
 from .sampler import EmoCASTSampler

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.generation_steps import FaceInput
+    from ..emocast_core.generation_steps import EncodedFace
 
 CATEGORY = "EmoCAST"
 
@@ -33,7 +33,7 @@ class EmoCASTPasteBack:
                                            "picture (0: hard edge)."}),
         }}
 
-    def paste(self, original: Any, frames: Any, face: "FaceInput", feather: int = 16) -> tuple[Any]:
+    def paste(self, original: Any, frames: Any, face: "EncodedFace", feather: int = 16) -> tuple[Any]:
         from ..emocast_core.paste_back import paste_back
         from . import tensors
 
@@ -43,6 +43,6 @@ class EmoCASTPasteBack:
             raise ValueError(f"original is {width}x{height} but the face was detected in a "
                              f"{face.image_size[0]}x{face.image_size[1]} image; connect the image given to the "
                              "Face node")
-        pasted = paste_back(background, tensors.image_to_frames(frames, "frames"), face.conditioning.crop_box,
+        pasted = paste_back(background, tensors.image_to_frames(frames, "frames"), face.prepared.crop_box,
                             feather=int(feather))
         return (tensors.frames_to_image(pasted, comfy_adapter.output_device()),)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.generation_steps import AudioInput, EmotionInput, FaceInput
+    from ..emocast_core.generation_steps import EncodedAudio, EncodedEmotion, EncodedFace
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"
@@ -57,8 +57,8 @@ class EmoCASTSampler:
                                      "tooltip": "Frames the VAE decodes at once; 1 uses the least memory."}),
         }}
 
-    def sample(self, model: "ModelHandle", face: "FaceInput", audio_features: "AudioInput",
-               emotion: "EmotionInput", steps: int | None = None, cfg: float | None = None, seed: int | None = None,
+    def sample(self, model: "ModelHandle", face: "EncodedFace", audio_features: "EncodedAudio",
+               emotion: "EncodedEmotion", steps: int | None = None, cfg: float | None = None, seed: int | None = None,
                pose_weight: float | None = None, face_weight: float | None = None, lip_weight: float | None = None,
                decode_batch: int | None = None) -> tuple[Any, ...]:
         """ComfyUI passes every widget; a widget left out (a script calling the node) takes the library's default."""

@@ -104,8 +104,8 @@ def test_official_mode_on_square_photo(analyzer, models, astronaut):
     mouth = np.array([(x1 + x2) / 2, (y1 + y2) / 2 + 0.28 * (y2 - y1)])
     assert lx0 <= mouth[0] < lx1 and ly0 <= mouth[1] < ly1
 
-    assert [round(level.numel() ** 0.5) for level in cond.masks.full] == [64, 32, 16, 8]
-    for levels in (cond.masks.full, cond.masks.face, cond.masks.lip):
+    assert [round(level.numel() ** 0.5) for level in cond.masks.pose] == [64, 32, 16, 8]
+    for levels in (cond.masks.pose, cond.masks.face, cond.masks.lip):
         assert [level.shape for level in levels] == [(4096,), (1024,), (256,), (64,)]
         assert all(0.0 <= float(lv.min()) and float(lv.max()) <= 1.0 for lv in levels)
     # the lip mask peaks inside the lip box (64x64 map = 1/8 of the image)
@@ -120,7 +120,7 @@ def test_crop_mode_centres_the_face(analyzer, astronaut):
     bx1, by1, bx2, by2 = cond.detection_box
     assert x0 <= bx1 and y0 <= by1 and bx2 <= x1 and by2 <= y1
     assert cond.reference.shape == (3, 256, 256) and cond.face_region.shape == (3, 256, 256)
-    assert [round(level.numel() ** 0.5) for level in cond.masks.full] == [32, 16, 8, 4]
+    assert [round(level.numel() ** 0.5) for level in cond.masks.pose] == [32, 16, 8, 4]
     fx0, fy0, fx1, fy1 = cond.face_rect
     assert abs((fx0 + fx1) / 2 - 128) < 20
     # the reference is the crop, resized
@@ -141,7 +141,7 @@ def test_non_square_photo(analyzer, astronaut, width, height):
     assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height
     bx1, by1, bx2, by2 = cond.detection_box
     assert x0 <= bx1 and y0 <= by1 and bx2 <= x1 and by2 <= y1
-    assert cond.reference.shape == (3, 128, 128) and [round(level.numel() ** 0.5) for level in cond.masks.full] == [16, 8, 4, 2]
+    assert cond.reference.shape == (3, 128, 128) and [round(level.numel() ** 0.5) for level in cond.masks.pose] == [16, 8, 4, 2]
     assert cond.identity.shape == (512,)
     official = prepare_face(image, analyzer, size=128, crop=False)
     assert official.crop_box == (0, 0, width, height)

@@ -1,4 +1,4 @@
-"""Mask geometry of the face conditioning (ARCHITECTURE.md §7.3-7.4)."""
+"""Mask geometry of the face conditioning (docs/model.md §4.3–4.4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +16,7 @@ from emocast_core.preprocess.face_masks import (
     subtract_saturating,
 )
 
-# ARCHITECTURE.md §7.4: the values v whose truncating inversion is 254 - v instead of 255 - v
+# docs/release_quirks.md §12: the values v whose truncating inversion is 254 - v instead of 255 - v
 SPEC_OFF_BY_ONE = {
     43, 59, 74, 75, 90, 91, 106, 107, 122, 123, 132, 133, 140, 141, 148, 149, 156, 157, 164, 165, 172,
     173, 180, 181, 188, 189, 196, 197, 198, 204, 205, 206, 212, 213, 214, 220, 221, 222, 228, 229, 230, 236,
@@ -122,8 +122,8 @@ def test_region_mask_levels(latent, sizes):
     face_rect, lip_rect = (40, 30, 300, 200), (120, 140, 220, 180)
     masks = build_region_masks(face_rect, lip_rect, 512, 512, latent)
     background, face, lip = separated_masks(face_rect, lip_rect, 512, 512)
-    assert [round(level.numel() ** 0.5) for level in masks.full] == sizes
-    for levels, source in ((masks.full, background), (masks.face, face), (masks.lip, lip)):
+    assert [round(level.numel() ** 0.5) for level in masks.pose] == sizes
+    for levels, source in ((masks.pose, background), (masks.face, face), (masks.lip, lip)):
         assert len(levels) == 4
         for level, side in zip(levels, sizes):
             assert level.shape == (side * side,) and level.dtype == torch.float32
@@ -131,9 +131,9 @@ def test_region_mask_levels(latent, sizes):
             # bilinear downsizing keeps the mean
             assert abs(float(level.mean()) - source.mean() / 255) < 0.03
     if latent == 64:  # the 64 level is the blurred mask itself, /255
-        assert torch.equal(masks.full[0], torch.from_numpy(background).float().div(255).reshape(-1))
+        assert torch.equal(masks.pose[0], torch.from_numpy(background).float().div(255).reshape(-1))
     # row-major flattening: the face (dark in the background mask) sits top-left and is wider than tall
-    full = masks.full[0].reshape(sizes[0], sizes[0])
+    full = masks.pose[0].reshape(sizes[0], sizes[0])
     row, col = divmod(int(full.argmin()), sizes[0])
     assert row < sizes[0] // 2 and col < sizes[0] // 2
     dark = full < 0.5

@@ -47,7 +47,7 @@ def test_full_model_families():
     assert len(audio) == 16
     motion = {m.group(1) for k in sd if (m := re.match(r"(.*\.motion_modules\.\d+)\.", k))}
     assert len(motion) == 21
-    # inner widths of the audio modules (ARCHITECTURE.md §2.3): the odd ones come from the input channels
+    # inner widths of the audio modules (docs/model.md §2.3): the odd ones come from the input channels
     inner = {k.split(".proj_in")[0].removeprefix("denoising_unet."): tuple(sd[k].shape[:2])
              for k in sd if ".audio_modules." in k and k.endswith("proj_in.weight")}
     assert inner["down_blocks.1.audio_modules.0"] == (320, 640)

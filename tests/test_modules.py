@@ -1,4 +1,4 @@
-"""Behaviour of the EmoCAST building blocks, checked against their definitions (ARCHITECTURE.md §4–6)."""
+"""Behaviour of the EmoCAST building blocks, checked against their definitions (docs/model.md §3)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention
 
 from emocast_core.config import AudioProjectionConfig, FaceLocatorConfig, FaceProjectionConfig, NetConfig
 from emocast_core.models.audio_projection import AudioProjection
-from emocast_core.models.denoising_unet import FrameConditioning
+from emocast_core.models.denoising_unet import AudioAttentionInputs
 from emocast_core.models.emotive_audio_attention import EmotiveAudioBlock, EmotiveAudioModule
 from emocast_core.models.face_locator import FaceLocator
 from emocast_core.models.face_projection import FaceProjection
@@ -179,8 +179,8 @@ def _unet_inputs(net, batch=2, frames=3, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     levels = [size // 2 ** i for i in range(4)]
     masks = [[torch.rand(1, s * s, generator=g) for s in levels] for _ in range(3)]
-    cond = FrameConditioning(audio=torch.randn(batch, frames, 4, 768, generator=g),
-                             emotion=torch.randn(batch * frames, 77, 768, generator=g), masks=masks)
+    cond = AudioAttentionInputs(audio=torch.randn(batch, frames, 4, 768, generator=g),
+                                emotion=torch.randn(batch * frames, 77, 768, generator=g), masks=masks)
     return (torch.randn(batch, 4, frames, size, size, generator=g), torch.randn(batch, 81, 768, generator=g), cond,
             torch.randn(batch, 32, size, size, generator=g))
 

@@ -337,7 +337,7 @@ def test_face_node(encoded, portrait, handle):
     from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE
 
     face, crop, face_mask, lip_mask, attention = encoded.face_out
-    cond = face.conditioning
+    cond = face.prepared
     assert face.image_size == (512, 512) and face.size == TINY_SIZE
     assert crop.shape == (1, TINY_SIZE, TINY_SIZE, 3) and crop.dtype == torch.float32
     torch.testing.assert_close(crop[0].permute(2, 0, 1), (cond.reference + 1) / 2)
@@ -364,14 +364,14 @@ def test_face_node(encoded, portrait, handle):
 
 
 def test_emotion_node(encoded, handle):
-    from emocast_pack.emocast_core.emotion import build_emotion_conditioning
+    from emocast_pack.emocast_core.emotion import build_emotion_schedule
 
     emotion = encoded.emotion
     assert [k.prompt for k in emotion.keys] == ["calm", "furious"] and emotion.crossfade == pytest.approx(0.1)
     assert set(emotion.embeddings) == {"", "calm", "furious"}
     # laid out later from the stored embeddings: identical to encoding with the text encoder directly
-    direct = build_emotion_conditioning(handle.models().text_encoder, emotion.text, 13, fps=25, crossfade=0.1)
-    stored = emotion.conditioning(13)
+    direct = build_emotion_schedule(handle.models().text_encoder, emotion.text, 13, fps=25, crossfade=0.1)
+    stored = emotion.schedule(13)
     assert torch.equal(stored.per_frame, direct.per_frame) and torch.equal(stored.uncond, direct.uncond)
     assert not torch.equal(stored.per_frame[0], stored.per_frame[-1])  # the timeline changes the emotion
     (strong,) = node("EmoCASTEmotion").encode(handle, "happy", 0.5, 1.5)
@@ -461,7 +461,7 @@ def test_sampler_rejects_bad_settings(encoded, handle):
 
 def test_paste_back_node(encoded, portrait):
     face = encoded.face
-    x0, y0, x1, y1 = face.conditioning.crop_box
+    x0, y0, x1, y1 = face.prepared.crop_box
     frames = torch.rand(3, face.size, face.size, 3)
     (pasted,) = node("EmoCASTPasteBack").paste(portrait, frames, face, 8)
     assert pasted.shape == (3, 512, 512, 3) and pasted.dtype == torch.float32

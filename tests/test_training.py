@@ -1,5 +1,5 @@
 """Training: metadata and text bank, emotion-aware sampling, datasets, loss, dropouts, trainable sets,
-an overfit check and checkpoints that the inference loader accepts (ARCHITECTURE.md §9)."""
+an overfit check and checkpoints that the inference loader accepts (docs/model.md §6)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +24,7 @@ from emocast_core import checkpoints as ck  # noqa: E402
 from emocast_core.cli import main as emocast_cli  # noqa: E402
 from emocast_core.config import NetConfig  # noqa: E402
 from emocast_core.emotion import EmotionTextEncoder  # noqa: E402
-from emocast_core.models.denoising_unet import FrameConditioning  # noqa: E402
+from emocast_core.models.denoising_unet import AudioAttentionInputs  # noqa: E402
 from emocast_core.models.net import build_net  # noqa: E402
 from emocast_core.models.reference_attention import ReferencePairing, ReferenceReader  # noqa: E402
 from emocast_core.scheduler import make_scheduler, make_training_scheduler  # noqa: E402
@@ -252,9 +252,9 @@ def test_stage2_dataset_windows_follow_the_clip(clips, caplog):
     for f in range(frames):
         assert torch.equal(item["audio"][f], features[start + f - 2:start + f + 3])
     assert [m.shape[0] for m in item["masks"]["lip"]] == [64, 16, 4, 1]
-    full, face, lip = (item["masks"][k][0] for k in ("full", "face", "lip"))
+    pose, face, lip = (item["masks"][k][0] for k in ("pose", "face", "lip"))
     assert 0.0 <= float(lip.min()) and float(lip.max()) <= 1.0 and float(lip.max()) > 0.5
-    assert float(full[0]) > 0.9 and float(face.max()) > 0.5  # corner is background; the face is marked
+    assert float(pose[0]) > 0.9 and float(face.max()) > 0.5  # corner is background; the face is marked
     assert item["text"] in clip.meta.texts
 
     with caplog.at_level(logging.WARNING):
@@ -268,7 +268,7 @@ def test_stage2_dataset_windows_follow_the_clip(clips, caplog):
 # ---- loss ----------------------------------------------------------------------------------------
 
 def _hand_alphas_cumprod() -> np.ndarray:
-    """ARCHITECTURE.md §8 with "scaled_linear" betas: zero-terminal-SNR rescale of sqrt(alpha_bar)."""
+    """docs/model.md §5.6 with "scaled_linear" betas: zero-terminal-SNR rescale of sqrt(alpha_bar)."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     s = np.sqrt(np.cumprod(1.0 - betas))
     s = (s - s[-1]) * s[0] / (s[0] - s[-1])
@@ -279,7 +279,7 @@ def test_snr_weighting_is_per_sample_against_a_hand_computation():
     scheduler = make_training_scheduler()
     alpha_bar = _hand_alphas_cumprod()
     np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), alpha_bar, rtol=2e-4, atol=1e-7)
-    assert float(scheduler.alphas_cumprod[499]) == pytest.approx(0.24235900, abs=1e-6)  # §8 test vector
+    assert float(scheduler.alphas_cumprod[499]) == pytest.approx(0.24235900, abs=1e-6)  # docs/model.md §5.6 test vector
 
     t = torch.tensor([0, 300, 700, 999])
     hand_snr = alpha_bar[[0, 300, 700, 999]] / (1 - alpha_bar[[0, 300, 700, 999]])
@@ -368,7 +368,7 @@ def test_stage1_uncond_sample_gets_zero_identity_empty_text_and_no_reference(hel
     unet, ref_net = _Capture(models.net.denoising_unet), _Capture(models.net.reference_unet)
     result = stage1_step(models, batch, Stage1Settings(), torch.Generator().manual_seed(0),
                          dropouts=Dropouts(uncond=torch.tensor([True, False])))
-    (sample, t, context, frame_cond), kwargs = unet.calls[0]
+    (sample, t, context, audio_inputs), kwargs = unet.calls[0]
     assert sample.shape == (2, 4, 1, 8, 8) and torch.equal(t, result.timesteps)
     with torch.no_grad():
         text = models.encode_text(batch["text"])
@@ -402,17 +402,17 @@ def test_stage2_dropouts_reach_reference_audio_and_motion_frames(helpers, clips)
     assert torch.equal(ref_images[1:3], torch.zeros(2, 3, SIZE, SIZE))  # start: mid-grey motion frames
     torch.testing.assert_close(ref_images[4:6], batch["motion"][1])
     torch.testing.assert_close(ref_images[0], batch["reference"][0])
-    (sample, _, context, frame_cond), kwargs = unet.calls[0]
+    (sample, _, context, audio_inputs), kwargs = unet.calls[0]
     assert sample.shape == (2, 4, frames, 8, 8)
     reader = kwargs["reference"]
     assert reader.pairing.reference_rows == (-1, -1, 3, 3)
     assert reader.pairing.motion_rows == ((1, 2), (4, 5))  # each sample's own motion frames
-    assert frame_cond.audio.shape == (2, frames, 4, 768)
-    assert not frame_cond.audio[1].any() and frame_cond.audio[0].abs().sum() > 0
-    assert frame_cond.emotion.shape == (2 * frames, 77, 768)
-    torch.testing.assert_close(frame_cond.emotion[0], context[0, :77])
-    torch.testing.assert_close(frame_cond.emotion[3], context[1, :77])
-    assert [m.shape for m in frame_cond.masks[2]] == [(4, 64), (4, 16), (4, 4), (4, 1)]
+    assert audio_inputs.audio.shape == (2, frames, 4, 768)
+    assert not audio_inputs.audio[1].any() and audio_inputs.audio[0].abs().sum() > 0
+    assert audio_inputs.emotion.shape == (2 * frames, 77, 768)
+    torch.testing.assert_close(audio_inputs.emotion[0], context[0, :77])
+    torch.testing.assert_close(audio_inputs.emotion[3], context[1, :77])
+    assert [m.shape for m in audio_inputs.masks[2]] == [(4, 64), (4, 16), (4, 4), (4, 1)]
     result.loss.backward()
     assert models.net.audioproj.proj1.weight.grad is not None
     assert models.net.reference_unet.conv_in.weight.grad is None
@@ -478,7 +478,7 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients():
     sample = torch.randn(b, 4, f, lat, lat)
     context = torch.randn(b, 81, 768)
     masks = [[torch.rand(1, (lat >> i) ** 2) for i in range(4)] for _ in range(3)]
-    cond = FrameConditioning(torch.randn(b, f, 4, 768), torch.randn(b * f, 77, 768), masks)
+    cond = AudioAttentionInputs(torch.randn(b, f, 4, 768), torch.randn(b * f, 77, 768), masks)
     bank = net.reference_unet(torch.randn(3, 4, lat, lat), context.repeat(3, 1, 1), 0)
     reader = ReferenceReader(bank, ReferencePairing.per_sample(b, f, 2))
 
@@ -771,7 +771,7 @@ def test_smoke_chain_from_videos_trains_a_net_the_pipeline_generates_with(tmp_pa
     assert emocast_cli(["inspect", str(final), "--tiny"]) == 0
     assert "layout matches the tiny test config" in capsys.readouterr().out
     trained, stage1, stage2 = (ck.load_state_dict(p) for p in (final, result.stage1_checkpoint,
-                                                                 result.stage2_checkpoint))
+                                                               result.stage2_checkpoint))
     assert torch.equal(trained["imageproj.proj.weight"], stage1["imageproj.proj.weight"])  # stage 1's, kept
     assert any(not torch.equal(trained[k], stage2[k]) for k in trained if ".motion_modules." in k)  # phases trained
 

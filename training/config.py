@@ -1,6 +1,6 @@
 """Training configuration: one YAML file per stage, read into dataclasses with strict key checking.
 
-`training/configs/stage1.yaml` and `stage2.yaml` carry the official EmoCAST values (ARCHITECTURE.md §9).
+`training/configs/stage1.yaml` and `stage2.yaml` carry the official EmoCAST values (docs/model.md §6).
 Any value can be overridden from the command line with ``--set section.key=value`` (YAML syntax).
 """
 from __future__ import annotations

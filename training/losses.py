@@ -2,7 +2,7 @@
 
 The weighting is min(SNR + 1, gamma) / (SNR + 1) *per sample* (Min-SNR for v-prediction). The official
 stage-2 code averages the loss over the batch before weighting, so it effectively multiplies the mean
-loss by the mean weight (ARCHITECTURE.md §9.2, §10 item 23); here each sample's loss gets its own weight.
+loss by the mean weight (docs/model.md §6.2, docs/release_quirks.md §21); here each sample's loss gets its own weight.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ continuing from the previous phase's checkpoint.
 The paper's three phases are "generalisation" (all ETTH sources, in-the-wild emotional videos included),
 "emotion refinement" (MEAD + HDTF) and "lip-sync specialisation" (HDTF). A phase is a change of the
 training data (`roots` and / or a filter on the clips' `source`) and a resume of the weights
-(ARCHITECTURE.md §9.4); the optimiser starts afresh in every phase. The paper gives no step counts.
+(docs/model.md §6.7); the optimiser starts afresh in every phase. The paper gives no step counts.
 
 Rerunning the same command after an interruption skips the finished phases (their output folder holds
 the final checkpoint) and resumes the interrupted one from its last checkpoint (:mod:`training.resume`).

@@ -1,10 +1,10 @@
-"""The two EmoCAST training stages (ARCHITECTURE.md §9.1, §9.2): what trains, and one loss evaluation.
+"""The two EmoCAST training stages (docs/model.md §6.3, §6.4): what trains, and one loss evaluation.
 
 Stage 1 (image level) trains the reference UNet, the spatial denoising UNet (no motion / audio modules),
 the FaceLocator and the face projection (the decoupled `to_k_ip` / `to_v_ip` included) on single frames.
 Stage 2 (video level) trains only the audio projection and every audio and motion module.
 
-Departures from the official scripts, on purpose (§10 items 2, 10, 23):
+Departures from the official scripts, on purpose (docs/release_quirks.md §21):
 * reference features and contexts are paired per sample (`ReferencePairing`), never tiled across the batch;
 * dropouts are drawn per sample rather than once per batch;
 * the SNR weighting is applied per sample (see :mod:`training.losses`);
@@ -24,7 +24,7 @@ from torch import nn
 
 from emocast_core.config import NetConfig
 from emocast_core.emotion import UNCOND_PROMPT, PromptEncoder
-from emocast_core.models.denoising_unet import FrameConditioning
+from emocast_core.models.denoising_unet import AudioAttentionInputs
 from emocast_core.models.net import EmoCASTNet
 from emocast_core.models.reference_attention import ReferencePairing, ReferenceReader
 
@@ -238,7 +238,7 @@ def stage1_step(models: TrainingModels, batch: Mapping, settings: Stage1Settings
         reader = ReferenceReader(bank, pairing)
 
     targets = _noise_and_targets(models, latents, settings.noise_offset, settings.snr_gamma, generator)
-    prediction = net.denoising_unet(targets.noisy, targets.timesteps, context, FrameConditioning(),
+    prediction = net.denoising_unet(targets.noisy, targets.timesteps, context, AudioAttentionInputs(),
                                     face_features=face_features, reference=reader)
     loss, per_sample = weighted_loss(prediction, targets)
     return StepResult(loss, per_sample, targets.timesteps, targets.weights, drops)
@@ -248,12 +248,12 @@ def stage1_step(models: TrainingModels, batch: Mapping, settings: Stage1Settings
 
 def frame_masks(masks: Mapping[str, Sequence[torch.Tensor]], frames: int, device: torch.device,
                 dtype: torch.dtype) -> list[list[torch.Tensor]]:
-    """Collated masks {full, face, lip: [(B, L) per level]} -> the UNet's per-row (B*F, L) lists."""
+    """Collated masks {pose, face, lip: [(B, L) per level]} -> the UNet's per-row (B*F, L) lists."""
     try:
         return [[level.to(device, dtype).repeat_interleave(frames, 0) for level in masks[name]]
-                for name in ("full", "face", "lip")]
+                for name in ("pose", "face", "lip")]
     except KeyError as exc:
-        raise KeyError(f"stage-2 batch masks need 'full', 'face' and 'lip' entries, missing {exc}") from None
+        raise KeyError(f"stage-2 batch masks need 'pose', 'face' and 'lip' entries, missing {exc}") from None
 
 
 def stage2_step(models: TrainingModels, batch: Mapping, settings: Stage2Settings,
@@ -288,14 +288,14 @@ def stage2_step(models: TrainingModels, batch: Mapping, settings: Stage2Settings
 
     audio = net.audioproj(_batch_tensor(batch, "audio", models))  # (B, F, tokens, D)
     audio = audio * (~drops.audio.to(models.device))[:, None, None, None].to(audio.dtype)
-    frame_cond = FrameConditioning(
+    audio_inputs = AudioAttentionInputs(
         audio=audio,
         emotion=text.repeat_interleave(frames, 0),  # the description queries the audio in every frame
         masks=frame_masks(batch["masks"], frames, models.device, models.dtype),
         weights=settings.branch_weights,
     )
     targets = _noise_and_targets(models, latents, settings.noise_offset, settings.snr_gamma, generator)
-    prediction = net.denoising_unet(targets.noisy, targets.timesteps, context, frame_cond,
+    prediction = net.denoising_unet(targets.noisy, targets.timesteps, context, audio_inputs,
                                     face_features=face_features, reference=reader)
     loss, per_sample = weighted_loss(prediction, targets)
     return StepResult(loss, per_sample, targets.timesteps, targets.weights, drops)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import NetConfig
-from ..emotion import EmotionConditioning, EmotionKey
+from ..emotion import EmotionSchedule, EmotionKey
 from ..models.net import build_net
 from ..rates import FPS
 from ..runtime import PRECISIONS, resolve_device, resolve_dtype
-from ..sampling import VideoConditioning, generate_frames
+from ..sampling import SamplerInputs, generate_frames
 from ..sampling_settings import SamplingSettings
 from ..scheduler import make_scheduler
 from .table import Arg, arg
@@ -61,17 +61,17 @@ def _vae(full: bool, size: int):
                          sample_size=size)
 
 
-def _conditioning(config: NetConfig, size: int, frames: int, clip_length: int) -> VideoConditioning:
+def _conditioning(config: NetConfig, size: int, frames: int, clip_length: int) -> SamplerInputs:
     g = torch.Generator().manual_seed(0)
     latent = size // 8
     levels = [latent // 2 ** i for i in range(len(config.unet["block_out_channels"]))]
     ap = config.audio_projection
     padded = -(-frames // clip_length) * clip_length
     text = torch.randn(1, 77, config.context_dim, generator=g)
-    emotion = EmotionConditioning(per_frame=text.expand(frames, -1, -1), prompt_embedding=text,
-                                  uncond=torch.randn(1, 77, config.context_dim, generator=g),
-                                  keys=(EmotionKey(0.0, "bench"),), fps=float(FPS))
-    return VideoConditioning(
+    emotion = EmotionSchedule(per_frame=text.expand(frames, -1, -1), prompt_embedding=text,
+                              uncond=torch.randn(1, 77, config.context_dim, generator=g),
+                              keys=(EmotionKey(0.0, "bench"),), fps=float(FPS))
+    return SamplerInputs(
         reference=torch.rand(3, size, size, generator=g) * 2 - 1,
         face_region=torch.rand(3, size, size, generator=g),
         identity=torch.randn(config.face_projection.identity_dim, generator=g),

@@ -1,7 +1,7 @@
 """The denoising 3D UNet: SD1.5 run over the frames of a clip, reading the ReferenceNet's bank, with the
 emotive audio attention and an AnimateDiff motion module after every spatial transformer.
 
-Released behaviour reproduced unconditionally (ARCHITECTURE.md §4.3): the weights were trained with the
+Released behaviour reproduced unconditionally (docs/release_quirks.md §2): the weights were trained with the
 "gradient-checkpointing" code path, in which the motion modules of the attention-free blocks
 (`down_blocks.3`, `up_blocks.0`) never run, every motion module sees the motion-frame features in front
 of the clip, and the `[pose, face, lip]` weights reach the audio attention. Those five motion modules are
@@ -26,11 +26,11 @@ from .text_guided_emotive_attention import install_decoupled_attention
 
 
 @dataclass
-class FrameConditioning:
+class AudioAttentionInputs:
     """Per-frame inputs of the denoising UNet; rows are batch-major (b * frames + f).
 
     audio: (B, F, tokens, D) projected audio tokens; emotion: (B*F, 77, D) emotion text for the audio
-    attention; masks: (full, face, lip), each a list over the UNet levels of (B*F or 1, L) tensors;
+    attention; masks: (pose, face, lip), each a list over the UNet levels of (B*F or 1, L) tensors;
     weights: (pose, face, lip) branch weights."""
 
     audio: torch.Tensor | None = None
@@ -53,7 +53,7 @@ class DenoisingUNet(nn.Module):
         self._add_frame_modules(config, zero_init)
 
     def _add_frame_modules(self, config: NetConfig, zero_init: bool) -> None:
-        """Audio modules in every attention block, motion modules in every block (ARCHITECTURE.md §2.3).
+        """Audio modules in every attention block, motion modules in every block (docs/model.md §2.3).
 
         An audio module's inner width is heads x (input channels // heads), where "input channels" is the
         layer ResNet's input for down blocks and the block's `in_channels` argument for up blocks."""
@@ -92,7 +92,7 @@ class DenoisingUNet(nn.Module):
                 block.motion_modules = motion(rev[i], layers + 1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
-                frame_cond: FrameConditioning, face_features: torch.Tensor | None = None,
+                audio_inputs: AudioAttentionInputs, face_features: torch.Tensor | None = None,
                 reference: ReferenceReader | None = None) -> torch.Tensor:
         """sample (B, 4, F, h, w) latents; context (B, tokens, D) = [emotion text ; face tokens];
         face_features (B, C, h, w) FaceLocator output, added after conv_in to every frame;
@@ -105,15 +105,15 @@ class DenoisingUNet(nn.Module):
         context = context.repeat_interleave(frames, 0)
         audio = None
         if self.use_audio_module:
-            if frame_cond.audio is None or frame_cond.emotion is None or frame_cond.masks is None:
+            if audio_inputs.audio is None or audio_inputs.emotion is None or audio_inputs.masks is None:
                 raise ValueError("the emotive audio attention needs audio tokens, emotion text and masks")
-            audio = frame_cond.audio.reshape(rows, *frame_cond.audio.shape[2:])
+            audio = audio_inputs.audio.reshape(rows, *audio_inputs.audio.shape[2:])
         self_attention = reference.self_attention if reference is not None else plain_self_attention
 
         def layer(block: nn.Module, j: int, path: str, h: torch.Tensor) -> torch.Tensor:
             h = spatial_transformer(spatial_layer(block, j), h, context, path, self_attention)
             if audio is not None:
-                h = block.audio_modules[j](h, audio, frame_cond.emotion, frame_cond.masks, frame_cond.weights)
+                h = block.audio_modules[j](h, audio, audio_inputs.emotion, audio_inputs.masks, audio_inputs.weights)
             if self.use_motion_module:
                 prefix = reference.motion_tokens(path) if reference is not None else None
                 h = block.motion_modules[j](h, frames, prefix)

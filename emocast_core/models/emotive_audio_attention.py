@@ -1,10 +1,11 @@
 """Emotive audio attention (paper §3.2.2).
 
 First the emotion text attends to the audio tokens (`attn_audioemo`): 77 "emotion-aware audio" tokens per
-frame. The frame's features then attend to those tokens in three branches, pose (`attn2_0`, whole-frame
-background mask), expression (`attn2_1`, face-without-lips mask) and lip (`attn2_2`, lip mask); each
-branch is masked, passed through its own zero-initialised 1x1 conv and added with the user's
-`[pose, face, lip]` weights. The mask multiplies before the conv, so the conv bias reaches every token.
+frame. The frame's features then attend to those tokens in three branches, pose (background mask; released
+parameters `attn2_0`, `zero_conv_full`), face (face-without-lips mask; `attn2_1`, `zero_conv_face`) and lip
+(lip mask; `attn2_2`, `zero_conv_lip`); each branch is masked, passed through its own zero-initialised 1x1
+conv and added with the user's `(pose, face, lip)` weights. The mask multiplies before the conv, so the conv
+bias reaches every token. The parameter names are the release's (strict loading), hence `full` for pose.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class EmotiveAudioBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         for i in range(3):
             setattr(self, f"attn2_{i}", Attention(query_dim=dim, cross_attention_dim=token_dim, heads=heads,
-                                                 dim_head=head_dim, bias=False))
+                                                  dim_head=head_dim, bias=False))
         self.zero_conv_full = _zero_conv(dim, zero_init)
         self.zero_conv_face = _zero_conv(dim, zero_init)
         self.zero_conv_lip = _zero_conv(dim, zero_init)
@@ -52,7 +53,7 @@ class EmotiveAudioBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, size: tuple[int, int], audio: torch.Tensor, emotion: torch.Tensor,
                 masks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        """h: (N, L, I) tokens; masks: (full, face, lip), each (N or 1, L); weights: (pose, face, lip)."""
+        """h: (N, L, I) tokens; masks: (pose, face, lip), each (N or 1, L); weights: (pose, face, lip)."""
         h = attend(self.attn1, self.norm1(h)) + h
         f_ea = self.emotion_aware_audio(emotion, audio)
         normed = self.norm2(h)
@@ -62,8 +63,8 @@ class EmotiveAudioBlock(nn.Module):
             masked = attend(attn, normed, f_ea) * mask.to(h.dtype)[:, :, None]
             maps = masked.transpose(1, 2).unflatten(2, size)
             branches.append(conv(maps).flatten(2).transpose(1, 2))
-        full, face, lip = branches
-        h = weights[0] * full + weights[1] * face + weights[2] * lip + h
+        pose, face, lip = branches
+        h = weights[0] * pose + weights[1] * face + weights[2] * lip + h
         return self.ff(self.norm3(h)) + h
 
 
@@ -83,7 +84,7 @@ class EmotiveAudioModule(nn.Module):
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor, emotion: torch.Tensor,
                 masks: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> torch.Tensor:
-        """x: (N, C, H, W); audio: (N, T_audio, D); emotion: (N, 77, D); masks: (full, face, lip) lists per level."""
+        """x: (N, C, H, W); audio: (N, T_audio, D); emotion: (N, 77, D); masks: (pose, face, lip) lists per level."""
         n, _, height, width = x.shape
         h = self.proj_in(self.norm(x))
         inner = h.shape[1]

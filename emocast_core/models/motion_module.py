@@ -1,7 +1,7 @@
 """AnimateDiff v2 motion module: temporal self-attention over the frames at every spatial position.
 
 Parameter names are those of `mm_sd_v15_v2.ckpt` (`temporal_transformer.*`). The clip arrives with the
-motion frames in front (ARCHITECTURE.md §4.7); the sinusoidal position encoding is added to the
+motion frames in front (docs/model.md §3.7); the sinusoidal position encoding is added to the
 LayerNorm-ed tokens (queries, keys and values), never to the residual stream.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ block at the same path *reads* it: a frame's self-attention sees `[own tokens ; 
 and values, and the motion frames' features are put in front of the clip for the motion modules.
 
 Which bank row a denoising row reads is a `ReferencePairing`. The released pipeline pairs rows in a
-peculiar way (ARCHITECTURE.md §5.4) that the weights were trained with; `ReferencePairing.official_cfg`
+peculiar way (docs/release_quirks.md §3) that the weights were trained with; `ReferencePairing.official_cfg`
 reproduces it and `per_sample` is the plain pairing for training batches.
 """
 from __future__ import annotations

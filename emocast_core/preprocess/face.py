@@ -1,6 +1,6 @@
 """Face conditioning of EmoCAST: portrait -> reference image, identity embedding, face box, attention masks.
 
-Detection and identity follow the official preprocessing (ARCHITECTURE.md §7.1-7.2): insightface's
+Detection and identity follow the official preprocessing (docs/model.md §4.1–4.2): insightface's
 SCRFD detector and ArcFace recognition (512-d, unnormalised ``embedding``), largest box wins.
 
 The face and lip rectangles come from insightface's 106-point landmark model (``2d106det.onnx``)
@@ -48,7 +48,7 @@ EYEBROWS_106 = tuple(range(43, 52)) + tuple(range(97, 106))
 LIPS_106 = tuple(range(52, 72))
 FOREHEAD_FRACTION = 0.225
 
-# Official MediaPipe face-mesh indices (ARCHITECTURE.md Appendix A).
+# Official MediaPipe face-mesh indices (docs/model.md Appendix A.2).
 MEDIAPIPE_SILHOUETTE = (
     10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148,
     176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
@@ -183,7 +183,7 @@ class MediaPipeLandmarker:
 
         height, width = image_rgb.shape[:2]
         result = self.landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
-                                                  data=np.ascontiguousarray(image_rgb)))
+                                                 data=np.ascontiguousarray(image_rgb)))
         if not result.face_landmarks:
             raise ValueError(f"MediaPipe FaceLandmarker found no face. {NO_FACE_MESSAGE}")
         if len(result.face_landmarks) > 1:
@@ -280,7 +280,7 @@ def _box_area(face: Any) -> float:
 
 
 @dataclass
-class FaceConditioning:
+class PreparedFace:
     """Everything the portrait contributes to the EmoCAST networks.
 
     ``reference`` (3, size, size) in [-1, 1]; ``identity`` (512,) float32 unnormalised ArcFace
@@ -328,7 +328,7 @@ def _reference_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 def prepare_face(image: np.ndarray, analyzer: FaceAnalyzer, size: int = 512, crop: bool = True,
                  face_expand_ratio: float = 1.2, lip_expand_ratio: float = 2.0,
-                 crop_scale: float = 2.0) -> FaceConditioning:
+                 crop_scale: float = 2.0) -> PreparedFace:
     """Portrait (H, W, 3) RGB uint8 -> EmoCAST face conditioning at ``size`` x ``size``.
 
     ``crop=True`` takes a square of ``crop_scale`` x the largest face box around it (so any aspect
@@ -354,7 +354,7 @@ def prepare_face(image: np.ndarray, analyzer: FaceAnalyzer, size: int = 512, cro
     work = crop_image(image, crop_box) if crop else image
     work_h, work_w = work.shape[:2]
     face_rect, lip_rect = analyzer.region_rects(face, work, crop_box[:2], face_expand_ratio, lip_expand_ratio)
-    return FaceConditioning(
+    return PreparedFace(
         reference=_reference_tensor(work, size),
         identity=torch.from_numpy(np.asarray(face.embedding, dtype=np.float32).copy()),
         face_region=face_region_image(face_rect, work_w, work_h, size),

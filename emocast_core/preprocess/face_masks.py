@@ -1,6 +1,6 @@
 """Face and lip region masks of the EmoCAST conditioning (pure geometry, no models).
 
-Reproduces the official mask recipe (ARCHITECTURE.md §7.3-7.4) bit for bit:
+Reproduces the official mask recipe (docs/model.md §4.3–4.4, docs/release_quirks.md §12) bit for bit:
 
 * a rectangle from a landmark subset, expanded around its centre with integer arithmetic and shifted
   back into the image (``expand_rect``);
@@ -62,7 +62,7 @@ def _expand_axis(low: float, high: float, ratio: float, limit: int) -> tuple[int
 
 
 def expand_rect(points: np.ndarray, ratio: float, width: int, height: int) -> Rect:
-    """Bounding rectangle of ``points`` (N, 2) pixel (x, y), expanded by ``ratio`` (§7.3).
+    """Bounding rectangle of ``points`` (N, 2) pixel (x, y), expanded by ``ratio`` (docs/model.md §4.3).
 
     The extremes are rounded half-to-even (``np.round``), each side is scaled by ``ratio`` around the
     floored centre with floored half-lengths, and a box crossing the image border is shifted back
@@ -175,11 +175,13 @@ def resize_mask_levels(mask: np.ndarray, latent_size: int) -> list[torch.Tensor]
 class RegionMasks:
     """Attention masks of the emotive audio module, one (L,) float32 tensor in [0, 1] per UNet level.
 
-    ``full`` is the background (pose) mask, ``face`` the face without the lips, ``lip`` the lips;
-    level i has side ``latent_size / 2**i``.
+    ``pose`` is the background mask (the whole frame outside the face box: the head-pose branch; the release
+    calls it ``full_mask``), ``face`` the face without the lips, ``lip`` the lips; level i has side
+    ``latent_size / 2**i``. The same three names, in this order, run from the prepared data
+    (``masks/pose.png``, ``face.png``, ``lip.png``) through the sampler to the audio attention's branches.
     """
 
-    full: list[torch.Tensor]
+    pose: list[torch.Tensor]
     face: list[torch.Tensor]
     lip: list[torch.Tensor]
 
@@ -188,7 +190,7 @@ def build_region_masks(face_rect: Rect, lip_rect: Rect, width: int, height: int,
                        latent_size: int) -> RegionMasks:
     """Attention masks for rectangles given in an image of ``width`` x ``height`` pixels."""
     background, face, lip = separated_masks(face_rect, lip_rect, width, height)
-    return RegionMasks(full=resize_mask_levels(background, latent_size),
+    return RegionMasks(pose=resize_mask_levels(background, latent_size),
                        face=resize_mask_levels(face, latent_size),
                        lip=resize_mask_levels(lip, latent_size))
 

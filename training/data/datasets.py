@@ -269,7 +269,7 @@ class Stage2Dataset(Dataset):
     Item: ``frames`` (F, 3, S, S) and ``motion`` (M, 3, S, S) in [-1, 1] (the M frames right before the
     clip); ``reference`` (3, S, S), a random frame of the same video; ``audio`` (F, 2*margin+1, layers,
     channels): wav2vec2 frames start+f-margin .. start+f+margin of every clip frame; ``masks``: dict
-    ``full`` / ``face`` / ``lip`` -> list of the four UNet levels (L,); ``face_region``, ``identity``,
+    ``pose`` / ``face`` / ``lip`` -> list of the four UNet levels (L,); ``face_region``, ``identity``,
     ``text``, ``clip_id``. Clips too short for F + M frames plus the audio margin are left out (logged)."""
 
     def __init__(self, clips: Sequence[PreparedClip], size: int = 512, frames: int = 14, motion_frames: int = 2,
@@ -336,13 +336,13 @@ class Stage2Dataset(Dataset):
         offsets = torch.arange(-self.audio_margin, self.audio_margin + 1)
         audio = features[(torch.arange(start, start + f)[:, None] + offsets)]
         latent = self.size // 8
-        full, face, lip = (load_mask_levels(p, latent) for p in clip.region_masks)
+        pose, face, lip = (load_mask_levels(p, latent) for p in clip.region_masks)
         return {
             "frames": frames,
             "motion": motion,
             "reference": load_frame(paths[window.reference_frame], self.size),
             "audio": audio,
-            "masks": {"full": full, "face": face, "lip": lip},
+            "masks": {"pose": pose, "face": face, "lip": lip},
             "face_region": load_face_region(clip.face_mask, self.size),
             "identity": load_identity(clip.face_emb, self.identity_dim),
             "text": pick_text(clip.meta, self.text_bank, rng),

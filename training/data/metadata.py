@@ -14,7 +14,7 @@ and the files it names, by default::
         audio_emb.pt        (N, layers, channels) float wav2vec2 hidden states per video frame (stage 2 only)
 
 The field names beyond Hallo's (``emotion``, ``intensity``, ``texts``, ``identity``, ``neutral_video``)
-are ours: the official ones are unknown (ARCHITECTURE.md §9.4).
+are ours: the official ones are unknown (docs/model.md §6.6).
 """
 from __future__ import annotations
 

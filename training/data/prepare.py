@@ -1,4 +1,4 @@
-"""Data preparation: a talking-head video -> a prepared clip folder (Hallo's preprocessing, ARCHITECTURE.md §9.3,
+"""Data preparation: a talking-head video -> a prepared clip folder (Hallo's preprocessing, docs/model.md §6.5,
 on our layout, see :mod:`training.data.metadata`).
 
 Per video: frames at 25 fps; insightface on every ``face_every``-th frame for the face and lip rectangles

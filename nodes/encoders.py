@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from . import comfy_adapter
 
 if TYPE_CHECKING:
-    from ..emocast_core.generation_steps import AudioInput, EmotionInput
+    from ..emocast_core.generation_steps import EncodedAudio, EncodedEmotion
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"
@@ -53,10 +53,10 @@ class EmoCASTFace:
         portrait = tensors.image_to_portrait(image, "the portrait")
         with model.use() as models:
             face = encode_face(models, portrait, size=int(size), crop=bool(crop))
-        f = face.conditioning
+        f = face.prepared
         out = comfy_adapter.output_device()
         crop_image = tensors.frames_to_image((f.reference[None] + 1) / 2, out).clamp(0, 1)
-        attention = [tensors.level_mask(levels[0], face.size) for levels in (f.masks.full, f.masks.face, f.masks.lip)]
+        attention = [tensors.level_mask(levels[0], face.size) for levels in (f.masks.pose, f.masks.face, f.masks.lip)]
         return (face, crop_image, f.face_region[:1].to(out), tensors.rect_mask(f.lip_rect, face.size).to(out),
                 torch.cat(attention).to(out))
 
@@ -89,7 +89,7 @@ class EmoCASTEmotion:
         }}
 
     def encode(self, model: "ModelHandle", text: str, crossfade: float = 0.5,
-               strength: float = 1.0) -> tuple["EmotionInput"]:
+               strength: float = 1.0) -> tuple["EncodedEmotion"]:
         from ..emocast_core.generation_steps import encode_emotion
 
         with model.use("text_encoder") as models:
@@ -126,7 +126,7 @@ class EmoCASTAudio:
         }}
 
     def encode(self, model: "ModelHandle", audio: Any, clip_length: int,
-               separate_vocals: bool = True) -> tuple["AudioInput"]:
+               separate_vocals: bool = True) -> tuple["EncodedAudio"]:
         from ..emocast_core.generation_steps import encode_audio
         from . import tensors
 
