@@ -8,27 +8,26 @@ import torch
 
 from emocast_core.emotion import (
     TEXT_TOKENS,
-    EmotionConditioning,
+    EmotionSchedule,
     EmotionKey,
     EmotionTextEncoder,
-    build_emotion_conditioning,
+    build_emotion_schedule,
     parse_emotion_timeline,
 )
+from parity_fixture import PARITY_TINY, load_expected, load_inputs, text_encoder
 
 
 @pytest.fixture(scope="module")
-def parity(reference_dir: Path) -> dict:
-    folder = reference_dir / "parity"
-    inputs = torch.load(folder / "inputs.pt", weights_only=True)
-    expected = torch.load(folder / "expected.pt", weights_only=True)
-    return {"clip": folder / "clip", "prompt": inputs["prompt"],
+def parity() -> dict:
+    expected = load_expected(PARITY_TINY)
+    return {"folder": PARITY_TINY, "prompt": load_inputs(PARITY_TINY)["prompt"],
             # the official pipeline encodes, per clip, the prompt and then "": [cond, uncond, cond, uncond]
             "text": expected["intermediates"]["text_last_hidden_state"]}
 
 
 @pytest.fixture(scope="module")
 def encoder(parity: dict) -> EmotionTextEncoder:
-    return EmotionTextEncoder.from_pretrained(parity["clip"])
+    return text_encoder(parity["folder"])
 
 
 class ConstantEncoder:
@@ -127,8 +126,8 @@ def test_per_frame_values_at_keys_and_inside_crossfades() -> None:
     enc = ConstantEncoder({"": 0.0, "calm": 1.0, "angry": 3.0, "sad": -1.0})
     # fps 10: frame f is at f/10 s. "angry" starts at 1.0 s and completes 0.4 s later; "sad" starts at
     # 1.6 s, only 0.2 s after that change ended, and the 0.4 s fade runs to the end (2.0 s).
-    cond = build_emotion_conditioning(enc, "0: calm | 1.0: angry | 1.6: sad", num_frames=22, fps=10,
-                                      crossfade=0.4)
+    cond = build_emotion_schedule(enc, "0: calm | 1.0: angry | 1.6: sad", num_frames=22, fps=10,
+                                  crossfade=0.4)
     expected = [1.0] * 11 + [1.5, 2.0, 2.5] + [3.0] * 3 + [2.0, 1.0, 0.0, -1.0, -1.0]
     values = cond.per_frame[:, 0, 0].tolist()
     assert values == pytest.approx(expected, abs=1e-6)
@@ -141,49 +140,49 @@ def test_per_frame_values_at_keys_and_inside_crossfades() -> None:
 def test_crossfade_is_shortened_by_a_close_next_key_and_zero_is_a_cut() -> None:
     enc = ConstantEncoder({"": 0.0, "a": 0.0, "b": 4.0, "c": 8.0})
     # b starts at 0.2 s; c comes 0.2 s later, so b's 1 s fade is shortened to 0.2 s.
-    cond = build_emotion_conditioning(enc, "0: a | 0.2: b | 0.4: c", num_frames=5, fps=10, crossfade=1.0)
+    cond = build_emotion_schedule(enc, "0: a | 0.2: b | 0.4: c", num_frames=5, fps=10, crossfade=1.0)
     assert cond.per_frame[:, 0, 0].tolist()[:5] == pytest.approx([0.0, 0.0, 0.0, 2.0, 4.0])
-    cut = build_emotion_conditioning(enc, "0: a | 0.2: b", num_frames=4, fps=10, crossfade=0.0)
+    cut = build_emotion_schedule(enc, "0: a | 0.2: b", num_frames=4, fps=10, crossfade=0.0)
     assert cut.per_frame[:, 0, 0].tolist() == [0.0, 0.0, 4.0, 4.0]
 
 
 def test_frames_before_the_first_key_hold_it_and_prompts_are_encoded_once() -> None:
     enc = ConstantEncoder({"": 0.0, "calm": 1.0, "angry": 5.0})
-    cond = build_emotion_conditioning(enc, [EmotionKey(0.2, "calm"), EmotionKey(0.4, "angry"),
-                                            EmotionKey(0.6, "calm")], num_frames=8, fps=10, crossfade=0.0)
+    cond = build_emotion_schedule(enc, [EmotionKey(0.2, "calm"), EmotionKey(0.4, "angry"),
+                                        EmotionKey(0.6, "calm")], num_frames=8, fps=10, crossfade=0.0)
     assert cond.per_frame[:, 0, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 1.0, 1.0]
     assert sorted(map(tuple, enc.calls)) == [("",), ("angry",), ("calm",)]  # one prompt per call, once each
 
 
 def test_strength_blends_from_the_neutral_text() -> None:
     enc = ConstantEncoder({"": 0.0, "neutral face": 1.0, "angry": 3.0})
-    half = build_emotion_conditioning(enc, "angry", num_frames=3, strength=0.5)
+    half = build_emotion_schedule(enc, "angry", num_frames=3, strength=0.5)
     assert torch.all(half.per_frame == 1.5)
-    custom = build_emotion_conditioning(enc, "angry", num_frames=3, strength=2.0,
-                                        neutral_prompt="neutral face")
+    custom = build_emotion_schedule(enc, "angry", num_frames=3, strength=2.0,
+                                    neutral_prompt="neutral face")
     assert torch.all(custom.per_frame == 5.0)  # 1 + 2 * (3 - 1): extrapolation
     with pytest.raises(ValueError, match="strength"):
-        build_emotion_conditioning(enc, "angry", num_frames=3, strength=-0.5)
+        build_emotion_schedule(enc, "angry", num_frames=3, strength=-0.5)
 
 
 def test_strength_one_is_bit_identical_to_the_official_embedding(encoder: EmotionTextEncoder,
-                                                                  parity: dict) -> None:
+                                                                 parity: dict) -> None:
     official = encoder.encode([parity["prompt"]])
-    cond = build_emotion_conditioning(encoder, parity["prompt"], num_frames=7, strength=1.0)
+    cond = build_emotion_schedule(encoder, parity["prompt"], num_frames=7, strength=1.0)
     assert torch.equal(cond.prompt_embedding, official)
     assert torch.equal(cond.uncond, encoder.encode([""]))
     assert all(torch.equal(frame, official[0]) for frame in cond.per_frame)
     spatial, per_frame = cond.for_clip(4, 4)  # reaches past the end: padded frames repeat the last one
     assert torch.equal(spatial, official) and all(torch.equal(f, official[0]) for f in per_frame)
     # a timeline's frames at pure keys are bit-identical too
-    timeline = build_emotion_conditioning(encoder, f"0: {parity['prompt']} | 0.2: calm", num_frames=10,
-                                          fps=10, crossfade=0.3)
+    timeline = build_emotion_schedule(encoder, f"0: {parity['prompt']} | 0.2: calm", num_frames=10,
+                                      fps=10, crossfade=0.3)
     assert all(torch.equal(timeline.per_frame[f], official[0]) for f in range(3))
 
 
 def test_for_clip_shapes_and_middle_frame() -> None:
     enc = ConstantEncoder({"": 0.0, "a": 0.0, "b": 16.0})
-    cond = build_emotion_conditioning(enc, "0: a | 0.5: b", num_frames=40, fps=10, crossfade=1.6)
+    cond = build_emotion_schedule(enc, "0: a | 0.5: b", num_frames=40, fps=10, crossfade=1.6)
     spatial, per_frame = cond.for_clip(5, 16)  # frames 5..20; the fade runs over frames 5..21
     assert spatial.shape == (1, TEXT_TOKENS, 8) and per_frame.shape == (16, TEXT_TOKENS, 8)
     assert per_frame[:, 0, 0].tolist() == pytest.approx(list(range(16)))
@@ -201,13 +200,13 @@ def test_bad_schedule_arguments() -> None:
     for kwargs, message in [({"num_frames": 0}, "num_frames"), ({"num_frames": 4, "fps": 0}, "fps"),
                             ({"num_frames": 4, "crossfade": -1.0}, "crossfade")]:
         with pytest.raises(ValueError, match=message):
-            build_emotion_conditioning(enc, "a", **kwargs)
+            build_emotion_schedule(enc, "a", **kwargs)
 
 
 def test_conditioning_moves_to_dtype() -> None:
     enc = ConstantEncoder({"": 0.0, "a": 1.0, "b": 2.0})
-    cond = build_emotion_conditioning(enc, "0: a | 0.1: b", num_frames=3, fps=10, crossfade=0.0)
+    cond = build_emotion_schedule(enc, "0: a | 0.1: b", num_frames=3, fps=10, crossfade=0.0)
     half = cond.to(dtype=torch.float16)
-    assert isinstance(half, EmotionConditioning)
+    assert isinstance(half, EmotionSchedule)
     assert half.per_frame.dtype == half.uncond.dtype == half.prompt_embedding.dtype == torch.float16
     assert half.per_frame[:, 0, 0].tolist() == [1.0, 2.0, 2.0] and half.keys == cond.keys

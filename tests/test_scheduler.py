@@ -1,12 +1,11 @@
-"""Scheduler settings and initial noise against the test vectors of ARCHITECTURE.md §8."""
+"""Scheduler settings and initial noise against the test vectors of docs/model.md §5.6."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from emocast_core.scheduler import initial_noise, make_scheduler, make_training_scheduler
+from parity_fixture import PARITY_TINY, load_expected, load_inputs
 
 OFFICIAL_NOISE_SHAPE = (1, 4, 16, 64, 64)
 
@@ -34,10 +33,8 @@ def test_forty_trailing_timesteps() -> None:
     assert scheduler.timesteps[-1].item() == 24 and len(scheduler.timesteps) == 40
 
 
-def test_parity_fixture_timesteps_and_initial_latents(reference_dir: Path) -> None:
-    folder = reference_dir / "parity"
-    inputs = torch.load(folder / "inputs.pt", weights_only=True)
-    expected = torch.load(folder / "expected.pt", weights_only=True)
+def test_parity_fixture_timesteps_and_initial_latents() -> None:
+    inputs, expected = load_inputs(PARITY_TINY), load_expected(PARITY_TINY)
     scheduler = make_scheduler()
     scheduler.set_timesteps(inputs["steps"])
     assert scheduler.timesteps.tolist() == expected["timesteps"].tolist()
