@@ -32,6 +32,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Wav2Vec2
 from .checkpoints import load_state_dict
 from .emotion import EmotionTextEncoder
 from .preprocess.audio_features import Wav2Vec2AudioEncoder
+from .rates import SAMPLE_RATE
 
 # stabilityai/sd-vae-ft-mse
 SD_VAE_CONFIG: Mapping[str, Any] = MappingProxyType({
@@ -129,7 +130,7 @@ def load_wav2vec2_file(path: str | Path, device: str | torch.device = "cpu",
     state = _match_weight_norm_names(state, set(model.state_dict()))
     _load_strict(model, state, path, "a wav2vec2-base model (e.g. facebook/wav2vec2-base-960h)",
                  optional=_WAV2VEC2_OPTIONAL)
-    processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+    processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
                                          return_attention_mask=False)
     return Wav2Vec2AudioEncoder(model.to(device), processor)
 

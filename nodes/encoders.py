@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..emocast_core.rates import FPS, SAMPLE_RATE
 from . import comfy_adapter
 
 if TYPE_CHECKING:
@@ -97,10 +98,10 @@ class EmoCASTEmotion:
 
 
 class EmoCASTAudio:
-    DESCRIPTION = ("Turns the speech into wav2vec2 features at the video frame rate (25 fps); the video lasts as "
-                   "long as the audio. The vocals are separated first when the model folder has a separator; "
-                   "mixed to mono and resampled to 16 kHz internally. The Sampler outputs the original audio "
-                   "cut to the video.")
+    DESCRIPTION = (f"Turns the speech into wav2vec2 features at the video frame rate ({FPS} fps); the video "
+                   "lasts as long as the audio. The vocals are separated first when the model folder has a "
+                   f"separator; mixed to mono and resampled to {SAMPLE_RATE / 1000:g} kHz internally. The "
+                   "Sampler outputs the original audio cut to the video.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("EMOCAST_AUDIO",)

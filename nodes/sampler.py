@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..emocast_core.rates import FPS
 from . import comfy_adapter
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # torch.Generator.manual_seed takes any unsigned 
 class EmoCASTSampler:
     DESCRIPTION = ("Generates the talking-head video: DDIM with classifier-free guidance over clips of frames, "
                    "each clip continuing from the last frames of the previous one. Outputs the frames, the speech "
-                   "trimmed to exactly frames / fps seconds and the fps (25), ready for Create Video or "
+                   f"trimmed to exactly frames / fps seconds and the fps ({FPS}), ready for Create Video or "
                    "Video Combine. Cancel stops it between denoising steps.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
@@ -26,7 +27,7 @@ class EmoCASTSampler:
     OUTPUT_TOOLTIPS = (
         "The video frames [N, H, W, 3] in 0..1.",
         "The input speech cut (or padded with silence) to exactly N / fps seconds.",
-        "Frames per second (25).",
+        f"Frames per second ({FPS}).",
     )
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 from emocast_core.checkpoints import (CheckpointError, compare_layout, describe_config, format_report, load_state_dict,
                                       read_layout)
 from emocast_core.config import NetConfig
-from emocast_core.models.net import EmoCASTNet, build_net
+from emocast_core.models.net import DENOISING_UNET, REFERENCE_UNET, EmoCASTNet, build_net
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ def init_from_pretrained(config: NetConfig, sd15_unet_dir: str | Path,
     own = {name: tuple(t.shape) for name, t in net.state_dict().items()}
     updates: dict[str, torch.Tensor] = {}
     for name, tensor in load_state_dict(weights).items():
-        updates[f"denoising_unet.{name}"] = tensor
+        updates[f"{DENOISING_UNET}.{name}"] = tensor
         if not name.startswith(_REFERENCE_UNET_DROPS):
-            updates[f"reference_unet.{name}"] = tensor
+            updates[f"{REFERENCE_UNET}.{name}"] = tensor
     n_sd = len(updates)
     if motion_module_ckpt is not None:
         updates.update(_motion_module_updates(Path(motion_module_ckpt), own))
@@ -103,7 +103,7 @@ def check_unet_config(config_json: str | Path, config: NetConfig) -> None:
 
 
 def _motion_module_updates(path: Path, own: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    prefix = "denoising_unet."
+    prefix = f"{DENOISING_UNET}."
     expected = {k[len(prefix):]: s for k, s in own.items() if k.startswith(prefix) and ".motion_modules." in k}
     if not expected:
         raise ValueError(f"{path}: the model config has no motion modules (use_motion_module is false)")

@@ -32,6 +32,7 @@ from emocast_core.preprocess.audio import AudioClip
 from emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder
 from emocast_core.preprocess.face import FaceAnalyzer
 from emocast_core.preprocess.face_masks import rect_mask, separated_masks
+from emocast_core.rates import FPS, SAMPLE_RATE
 from emocast_core.testing.speech import synthesize_speech
 from emocast_core.testing.tiny_models import write_tiny_models
 from emocast_core.video import write_video
@@ -40,7 +41,7 @@ from .config import StageConfig, config_from_dict
 from .data.metadata import (
     ClipMeta, PreparedClip, TemplateTextGenerator, discover_clips, save_clip_meta,
 )
-from .data.prepare import FPS, ClipLabel, Preparer, PrepareSettings, link_neutral_videos, prepare_all
+from .data.prepare import ClipLabel, Preparer, PrepareSettings, link_neutral_videos, prepare_all
 from .progressive import Phase, ProgressiveConfig, run_progressive
 from .runner import train
 
@@ -201,7 +202,7 @@ def write_synthetic_video(path: str | Path, sentence: str, size: int, frames: in
                           background: tuple[int, int, int], emotion: str, intensity: int,
                           phase: float) -> Path:
     """An MP4 (25 fps, H.264 + AAC) of a cartoon face saying `sentence` (eSpeak NG) with `emotion`."""
-    sample_rate = 16000
+    sample_rate = SAMPLE_RATE
     speech = synthesize_speech(sentence, sample_rate)[: int(frames * sample_rate / FPS)]
     openings = mouth_openings(speech, sample_rate, frames)
     images = np.stack([

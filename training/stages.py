@@ -25,14 +25,15 @@ from torch import nn
 from emocast_core.config import NetConfig
 from emocast_core.emotion import UNCOND_PROMPT, PromptEncoder
 from emocast_core.models.denoising_unet import AudioAttentionInputs
-from emocast_core.models.net import EmoCASTNet
+from emocast_core.models.net import (AUDIO_PROJECTION, DENOISING_UNET, FACE_LOCATOR, FACE_PROJECTION, REFERENCE_UNET,
+                                     EmoCASTNet)
 from emocast_core.models.reference_attention import ReferencePairing, ReferenceReader
 
 from .losses import diffusion_targets, offset_noise, sample_timesteps, weighted_loss
 
 STAGES = (1, 2)
-STAGE1_MODULES = ("reference_unet", "denoising_unet", "face_locator", "imageproj")
-STAGE2_MODULES = ("audioproj",)
+STAGE1_MODULES = (REFERENCE_UNET, DENOISING_UNET, FACE_LOCATOR, FACE_PROJECTION)
+STAGE2_MODULES = (AUDIO_PROJECTION,)
 FRAME_MODULES = ("audio_modules", "motion_modules")
 
 

@@ -11,7 +11,9 @@ from .face_locator import FaceLocator
 from .face_projection import FaceProjection
 from .reference_net import ReferenceNet
 
-PREFIXES = ("reference_unet", "denoising_unet", "face_locator", "imageproj", "audioproj")
+# The five networks: attribute names of EmoCASTNet and the key prefixes of the released net.pth.
+REFERENCE_UNET, DENOISING_UNET, FACE_LOCATOR, FACE_PROJECTION, AUDIO_PROJECTION = PREFIXES = (
+    "reference_unet", "denoising_unet", "face_locator", "imageproj", "audioproj")
 
 
 class EmoCASTNet(nn.Module):

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
+from ..rates import SAMPLE_RATE
+
 # eSpeak NG C API constants (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS = 0x02
 _INITIALIZE_DONT_EXIT = 0x8000
@@ -24,7 +26,7 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 _ENGINE_LOCK = threading.Lock()
 
 
-def synthesize_speech(text: str, sample_rate: int = 16000, voice: str = "en-us") -> np.ndarray:
+def synthesize_speech(text: str, sample_rate: int = SAMPLE_RATE, voice: str = "en-us") -> np.ndarray:
     """Speak `text` with eSpeak NG: float32 mono waveform in [-1, 1] at `sample_rate` Hz."""
     if not text.strip():
         raise ValueError("synthesize_speech needs non-empty text")

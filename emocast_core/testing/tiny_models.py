@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import CONFIG_METADATA_KEY, save_safetensors
+from ..rates import SAMPLE_RATE
 from ..config import NetConfig
 from ..models.net import build_net
 from .face_models import write_face_models
@@ -87,7 +88,7 @@ def write_wav2vec2(folder: Path) -> Path:
                             conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                             feat_extract_norm="group", do_stable_layer_norm=False)
     Wav2Vec2Model(config).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(folder)
     return folder
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from emocast_core.rates import FPS
+
 logger = logging.getLogger(__name__)
 
 # The 8 MEAD emotions, in MEAD's order (neu, hap, sad, sur, fea, dis, ang, con).
@@ -72,7 +74,7 @@ class ClipMeta:
     intensity: int = 1
     texts: tuple[str, ...] = ()
     num_frames: int = 0
-    fps: int = 25
+    fps: int = FPS
     neutral_video: str | None = None  # clip_id of a neutral clip of the same identity
     source: str = ""  # originating dataset (MEAD, HDTF, ...), used to select data per training phase
     frames_dir: str = "frames"

@@ -29,6 +29,7 @@ from emocast_core.preprocess.audio import VocalSeparator, to_mono_16k
 from emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder, extract_audio_features
 from emocast_core.preprocess.face import FaceAnalyzer
 from emocast_core.preprocess.face_masks import Rect, rect_mask, separated_masks
+from emocast_core.rates import FPS
 from emocast_core.video import read_video
 
 from .metadata import (
@@ -38,7 +39,6 @@ from .metadata import (
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class PrepareSettings:
 def resample_indices(num_frames: int, source_fps: float, target_fps: float = FPS) -> np.ndarray:
     """Source frame shown at each target time k / target_fps (the frame whose interval contains it)."""
     if not (math.isfinite(source_fps) and source_fps > 0):
-        raise ValueError(f"the video reports an unusable frame rate ({source_fps}); re-encode it at 25 fps")
+        raise ValueError(f"the video reports an unusable frame rate ({source_fps}); re-encode it at {FPS} fps")
     count = int(math.floor(num_frames * target_fps / source_fps + 1e-9))
     indices = np.floor(np.arange(count) * source_fps / target_fps + 1e-9).astype(np.int64)
     return np.minimum(indices, num_frames - 1)
@@ -174,7 +174,7 @@ class Preparer:
         for index in range(0, len(frames), max(1, self.settings.face_every)):
             detected = self.analyzer.detect(frames[index])
             if not detected:
-                raise ValueError(f"{video}: no face in frame {index} (at 25 fps); every frame must show the face")
+                raise ValueError(f"{video}: no face in frame {index} (at {FPS} fps); every frame must show the face")
             face = detected[0]
             if identity is None:
                 if face.embedding is None:
