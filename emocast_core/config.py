@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,20 @@ class NetConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NetConfig":
-        if "unet_config" not in data:
-            raise ValueError("model config has no 'unet_config' section (expected the official layout: "
-                             "unet_config / unet_additional_kwargs / aux)")
+        if not isinstance(data, dict) or "unet_config" not in data:
+            raise ValueError("model config has no 'unet_config' section (expected a JSON object in the official "
+                             "layout: unet_config / unet_additional_kwargs / aux)")
+        _check_sections(data)
+        try:
+            config = cls._from_sections(data)
+            _check_field_types(config)
+            return config
+        except (TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"model config has a value of the wrong kind ({type(exc).__name__}: {exc}); use the "
+                             "config.json that came with the weights") from exc
+
+    @classmethod
+    def _from_sections(cls, data: dict[str, Any]) -> "NetConfig":
         extra = data.get("unet_additional_kwargs", {})
         _check_supported(extra)
         mm = extra.get("motion_module_kwargs", {})
@@ -113,9 +124,12 @@ class NetConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read model config {path}: {exc}") from exc
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     @classmethod
     def builtin(cls, name: str) -> "NetConfig":
@@ -184,6 +198,36 @@ class NetConfig:
     @property
     def context_dim(self) -> int:
         return int(self.unet.get("cross_attention_dim", 768))
+
+
+def _check_field_types(config: "NetConfig") -> None:
+    """Numbers where numbers belong: each field of the sub-configs has the type of its default."""
+    for part in (config, config.motion, config.face_locator, config.face_projection, config.audio_projection):
+        for f in fields(part):
+            value, default = getattr(part, f.name), f.default
+            if isinstance(default, (bool, int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"model config value {f.name}={value!r} must be a number")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"model config value {f.name}={value!r} must be true or false")
+
+
+def _check_sections(data: dict[str, Any]) -> None:
+    """Each section the loader reads must be a JSON object (a list or a number there is someone else's file)."""
+    sections = {"unet_config": data["unet_config"], "unet_additional_kwargs": data.get("unet_additional_kwargs", {}),
+                "aux": data.get("aux", {})}
+    extra, aux = sections["unet_additional_kwargs"], sections["aux"]
+    if isinstance(extra, dict):
+        sections["unet_additional_kwargs.motion_module_kwargs"] = extra.get("motion_module_kwargs", {})
+    if isinstance(aux, dict):
+        sections.update({f"aux.{k}": aux.get(k, {}) for k in ("face_locator", "image_proj", "audio_proj")})
+    for name, value in sections.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"model config section {name!r} must be a JSON object, got {type(value).__name__}")
+    unet = data["unet_config"]
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key in unet and not isinstance(unet[key], list):
+            raise ValueError(f"model config unet_config.{key} must be a list, got {type(unet[key]).__name__}")
 
 
 def _check_supported(extra: dict[str, Any]) -> None:

@@ -290,6 +290,11 @@ def _check_schedule_args(num_frames: int, fps: float, crossfade: float, strength
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     if not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps}")
+    check_blend_options(crossfade, strength)
+
+
+def check_blend_options(crossfade: float, strength: float) -> None:
+    """The timeline's cross-fade (seconds) and the emotion strength, checked without any model."""
     if not (math.isfinite(crossfade) and crossfade >= 0):
         raise ValueError(f"crossfade must be >= 0 seconds, got {crossfade}")
     if not (math.isfinite(strength) and strength >= 0):

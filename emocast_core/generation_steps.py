@@ -22,14 +22,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .emotion import EmotionSchedule, EmotionKey, build_emotion_schedule, parse_emotion_timeline
+from .emotion import EmotionKey, EmotionSchedule, build_emotion_schedule, check_blend_options, parse_emotion_timeline
 from .preprocess.audio import AudioClip
 from .preprocess.audio_features import AudioFeatures, extract_audio_features
 from .preprocess.face import PreparedFace, prepare_face
 from .rates import FPS
 from .runtime import EmoCASTModels
-from .sampling import IMAGE_SIZE_MULTIPLE, Progress, SamplerInputs, iter_clips
-from .sampling_settings import SamplingSettings
+from .sampling import Progress, SamplerInputs, iter_clips
+from .sampling_settings import SamplingSettings, check_size
 
 log = logging.getLogger("emocast_core.generation_steps")
 
@@ -130,10 +130,19 @@ class EncodedEmotion:
                                       crossfade=self.crossfade, strength=self.strength)
 
 
+def check_settings(settings: SamplingSettings, size: int, emotion: str, crossfade: float, strength: float) -> None:
+    """Everything about a generation that can be wrong before any model is loaded or input encoded: the
+    sampler settings, the frame size, the emotion text's timeline syntax, cross-fade and strength. Front-ends
+    call this first, so a typo costs no model loading."""
+    settings.validate()
+    check_size(size)
+    parse_emotion_timeline(emotion)
+    check_blend_options(crossfade, strength)
+
+
 def encode_face(models: EmoCASTModels, image: np.ndarray, size: int = 512, crop: bool = True) -> EncodedFace:
     """Portrait (H, W, 3) RGB uint8 -> face conditioning at `size` x `size` (see `prepare_face`)."""
-    if size % IMAGE_SIZE_MULTIPLE or size < IMAGE_SIZE_MULTIPLE:
-        raise ValueError(f"size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (got {size})")
+    check_size(size)
     face = prepare_face(image, models.face_analyzer, size=size, crop=crop)
     height, width = image.shape[:2]
     return EncodedFace(face, (int(width), int(height)))
@@ -175,6 +184,11 @@ def prepare(models: EmoCASTModels, face: EncodedFace, audio: EncodedAudio, emoti
         masks=[f.masks.pose, f.masks.face, f.masks.lip],
         audio_windows=audio.features.windows(models.net.config.audio_projection.window),
         num_frames=audio.num_frames, emotion=emotion.schedule(audio.num_frames))
+    duration = audio.num_frames / FPS
+    late = [f"{key.time:g} s" for key in emotion.keys if key.time >= duration]
+    if late:
+        log.warning("the emotion timeline's key(s) at %s start after the end of the speech (%.2f s) and are not "
+                    "used; shorten the timeline or use a longer recording", ", ".join(late), duration)
     log.info("generating %d frames (%d clips of %d) at %dx%d, %d steps, cfg %.2f, %s on %s", cond.num_frames,
              audio.features.num_clips, settings.clip_length, face.size, face.size, settings.steps, settings.cfg,
              str(models.dtype).removeprefix("torch."), models.device)

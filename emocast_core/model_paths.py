@@ -52,6 +52,9 @@ class ModelPaths:
         """Find every file under `root` (the overrides replace their sub-folder); all that is missing is
         reported in one error."""
         root = Path(root).expanduser()
+        if root.is_file():
+            raise ValueError(f"the model folder {root} is a file; give the folder that holds it (with vae/, clip/, "
+                             "wav2vec2/ and face_analysis/ beside it), or pass the file as --net")
         if not root.is_dir():
             raise FileNotFoundError(f"model folder {root} does not exist; create it and put the EmoCAST model "
                                     f"files in it (see the README's model table)")

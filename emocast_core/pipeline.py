@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation_steps import (EncodedAudio, EncodedEmotion, EncodedFace, GenerationResult, encode_audio, encode_emotion,
-                               encode_face, sample, sample_clips, trim_audio)
+from .generation_steps import (EncodedAudio, EncodedEmotion, EncodedFace, GenerationResult, check_settings,
+                               encode_audio, encode_emotion, encode_face, sample, sample_clips, trim_audio)
 from .preprocess.audio import AudioClip
 from .rates import FPS
 from .runtime import EmoCASTModels
@@ -36,8 +36,10 @@ class GenerationRequest:
     separate_vocals: bool = True  # when the model folder has a separator (as released: always on)
 
 
-def encode_request(models: EmoCASTModels, request: GenerationRequest) -> tuple[EncodedFace, EncodedAudio, EncodedEmotion]:
-    """Preprocess the three inputs (errors name the input at fault)."""
+def encode_request(models: EmoCASTModels,
+                   request: GenerationRequest) -> tuple[EncodedFace, EncodedAudio, EncodedEmotion]:
+    """Check the settings, then preprocess the three inputs (errors name the input at fault)."""
+    check_settings(request.sampling, request.size, request.emotion, request.crossfade, request.strength)
     face = encode_face(models, request.image, request.size, request.crop)
     audio = encode_audio(models, request.audio, request.sampling.clip_length, request.separate_vocals)
     emotion = encode_emotion(models, request.emotion, request.crossfade, request.strength)

@@ -6,8 +6,10 @@ from an `EmoCASTModels`; this module sits below all of them and imports only the
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -35,9 +37,15 @@ __all__ = ["EmoCASTModels", "MOVABLE_PARTS", "PRECISIONS", "move_models", "onnx_
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                         "GPU(s), numbered from 0")
     return device
 
 
@@ -86,20 +94,36 @@ class EmoCASTModels:
         if paths.vae_file is not None:
             vae = load_vae_file(paths.vae_file, dtype=dtype).to(device)
         else:
-            vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
+            with _folder_load("VAE", paths.vae, "https://huggingface.co/stabilityai/sd-vae-ft-mse"):
+                vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
         vae.requires_grad_(False)
         if paths.clip_file is not None:
             text = load_clip_text_file(paths.clip_file, paths.tokenizer_dir, device=device, dtype=dtype)
         else:
-            text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
+            with _folder_load("CLIP text encoder", paths.clip, "https://huggingface.co/openai/clip-vit-large-patch14"):
+                text = EmotionTextEncoder.from_pretrained(paths.clip, device=device, dtype=dtype)
         if paths.wav2vec2_file is not None:
             audio = load_wav2vec2_file(paths.wav2vec2_file, device=device)
         else:
-            audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
+            with _folder_load("wav2vec2", paths.wav2vec2, "https://huggingface.co/facebook/wav2vec2-base-960h"):
+                audio = Wav2Vec2AudioEncoder.from_pretrained(paths.wav2vec2, device=device)  # fp32, as released
         providers = onnx_providers(device)
         face = FaceAnalyzer.from_folder(paths.face_analysis, providers=providers)
         separator = find_separator(paths.root, providers=providers)
         return cls(net, vae, text, audio, face, make_scheduler(), device, dtype, separator)
+
+
+@contextmanager
+def _folder_load(what: str, folder: Path, source: str) -> Iterator[None]:
+    """A model folder that diffusers / transformers cannot load (broken or mismatched weights, a bad config)
+    becomes one error naming the folder, instead of the library's own wording."""
+    try:
+        yield
+    except Exception as exc:  # safetensors / torch / JSON / library errors: the files are broken
+        if isinstance(exc, (FileNotFoundError, ValueError)) and str(folder) in str(exc):
+            raise  # our own message, which names the folder and what is missing already
+        raise ValueError(f"the {what} in {folder} cannot be loaded ({type(exc).__name__}: {exc}); replace the "
+                         f"folder with the original files from {source}") from exc
 
 
 def _modules(models: EmoCASTModels, parts: Iterable[str]) -> list[torch.nn.Module]:

@@ -19,11 +19,8 @@ from .emotion import EmotionSchedule
 from .models.denoising_unet import AudioAttentionInputs
 from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
-from .sampling_settings import SamplingSettings
+from .sampling_settings import IMAGE_SIZE_MULTIPLE, SamplingSettings
 from .scheduler import initial_noise
-
-# The latents are 1/8 of the image and the UNet halves them three times: sides must divide by 8 * 2**3.
-IMAGE_SIZE_MULTIPLE = 64
 
 
 class GenerationCancelled(RuntimeError):

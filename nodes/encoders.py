@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..emocast_core.rates import FPS, SAMPLE_RATE
-from . import comfy_adapter
+from . import comfy_adapter, widgets
 
 if TYPE_CHECKING:
     from ..emocast_core.generation_steps import EncodedAudio, EncodedEmotion
@@ -32,26 +32,36 @@ class EmoCASTFace:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        from ..emocast_core.sampling_settings import IMAGE_SIZE_MULTIPLE, MAX_SIZE
+
         return {"required": {
             "model": ("EMOCAST_MODEL", {"tooltip": MODEL_TOOLTIP}),
             "image": ("IMAGE", {"tooltip": "One portrait with a clearly visible face (any size; 512 px or more "
                                            "around the face is best)."}),
-            "size": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64,
-                             "tooltip": "Side of the generated square video in pixels (a multiple of 64; the "
-                                        "model was trained at 512)."}),
+            "size": ("INT", {"default": 512, "min": IMAGE_SIZE_MULTIPLE, "max": MAX_SIZE, "step": IMAGE_SIZE_MULTIPLE,
+                             "tooltip": f"Side of the generated square video in pixels (a multiple of "
+                                        f"{IMAGE_SIZE_MULTIPLE}; the model was trained at 512)."}),
             "crop": ("BOOLEAN", {"default": True, "label_on": "crop around the face", "label_off": "whole image",
                                  "tooltip": "Crop a square around the face (any photo works). Off: the whole "
                                             "image is squashed to a square, as the original code does (for "
                                             "square, face-centred portraits)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, size: int | None = None) -> bool | str:
+        from ..emocast_core.sampling_settings import check_size
+
+        return widgets.validate(cls, {"size": size}, lambda: size is None or check_size(int(size)))
+
     def encode(self, model: "ModelHandle", image: Any, size: int = 512, crop: bool = True) -> tuple[Any, ...]:
         import torch
 
         from ..emocast_core.generation_steps import encode_face
+        from ..emocast_core.preprocess.face import validate_portrait
         from . import tensors
 
         portrait = tensors.image_to_portrait(image, "the portrait")
+        validate_portrait(portrait)  # before the models are loaded onto the device
         with model.use() as models:
             face = encode_face(models, portrait, size=int(size), crop=bool(crop))
         f = face.prepared
@@ -88,6 +98,18 @@ class EmoCASTEmotion:
                                    "tooltip": "Experimental: scales the emotion away from a neutral text (0: "
                                               "neutral, 1: as trained, above 1: exaggerated)."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, text: str | None = None, crossfade: float | None = None,
+                        strength: float | None = None) -> bool | str:
+        from ..emocast_core.emotion import check_blend_options, parse_emotion_timeline
+
+        def check() -> None:
+            if text is not None:
+                parse_emotion_timeline(text)
+            check_blend_options(0.0 if crossfade is None else crossfade, 1.0 if strength is None else strength)
+
+        return widgets.validate(cls, {"crossfade": crossfade, "strength": strength}, check)
 
     def encode(self, model: "ModelHandle", text: str, crossfade: float = 0.5,
                strength: float = 1.0) -> tuple["EncodedEmotion"]:

@@ -5,14 +5,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..emocast_core.rates import FPS
-from . import comfy_adapter
+from . import comfy_adapter, widgets
 
 if TYPE_CHECKING:
     from ..emocast_core.generation_steps import EncodedAudio, EncodedEmotion, EncodedFace
+    from ..emocast_core.sampling_settings import SamplingSettings
     from .model_cache import ModelHandle
 
 CATEGORY = "EmoCAST"
-SEED_MAX = 0xFFFFFFFFFFFFFFFF  # torch.Generator.manual_seed takes any unsigned 64-bit value
 
 
 class EmoCASTSampler:
@@ -32,6 +32,7 @@ class EmoCASTSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        from ..emocast_core.sampling_settings import MAX_SEED
         from ..emocast_core.sampling_settings import SamplingSettings as S
 
         weight = {"min": 0.0, "max": 3.0, "step": 0.05}
@@ -47,7 +48,7 @@ class EmoCASTSampler:
                                          "rougher)."}),
             "cfg": ("FLOAT", {"default": S.cfg, "min": 1.05, "max": 20.0, "step": 0.05,
                               "tooltip": f"Classifier-free guidance scale ({S.cfg} as released; must be above 1)."}),
-            "seed": ("INT", {"default": S.seed, "min": 0, "max": SEED_MAX,
+            "seed": ("INT", {"default": S.seed, "min": 0, "max": MAX_SEED,
                              "tooltip": "Seed of the noise; the same seed and inputs give the same video."}),
             "pose_weight": ("FLOAT", dict(weight, default=pose,
                                           tooltip="Weight of the audio on head pose (background mask).")),
@@ -58,6 +59,14 @@ class EmoCASTSampler:
                                      "tooltip": "Frames the VAE decodes at once; 1 uses the least memory."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps: int | None = None, cfg: float | None = None, seed: int | None = None,
+                        pose_weight: float | None = None, face_weight: float | None = None,
+                        lip_weight: float | None = None, decode_batch: int | None = None) -> bool | str:
+        values = {"steps": steps, "cfg": cfg, "seed": seed, "pose_weight": pose_weight, "face_weight": face_weight,
+                  "lip_weight": lip_weight, "decode_batch": decode_batch}
+        return widgets.validate(cls, values, lambda: _settings(values).validate())
+
     def sample(self, model: "ModelHandle", face: "EncodedFace", audio_features: "EncodedAudio",
                emotion: "EncodedEmotion", steps: int | None = None, cfg: float | None = None, seed: int | None = None,
                pose_weight: float | None = None, face_weight: float | None = None, lip_weight: float | None = None,
@@ -65,14 +74,11 @@ class EmoCASTSampler:
         """ComfyUI passes every widget; a widget left out (a script calling the node) takes the library's default."""
         from ..emocast_core.generation_steps import sample
         from ..emocast_core.sampling import GenerationCancelled, Progress
-        from ..emocast_core.sampling_settings import SamplingSettings
         from . import tensors
 
-        default = SamplingSettings(clip_length=audio_features.clip_length)
-        given = {"steps": steps, "cfg": cfg, "seed": seed, "decode_batch": decode_batch}
-        settings = replace(default, **{k: type(getattr(default, k))(v) for k, v in given.items() if v is not None},
-                           weights=tuple(d if w is None else float(w)
-                                         for w, d in zip((pose_weight, face_weight, lip_weight), default.weights)))
+        settings = _settings({"steps": steps, "cfg": cfg, "seed": seed, "pose_weight": pose_weight,
+                              "face_weight": face_weight, "lip_weight": lip_weight, "decode_batch": decode_batch},
+                             clip_length=audio_features.clip_length)
         settings.validate()  # before any model is moved to the device
         total = audio_features.features.num_clips * settings.steps
         update = comfy_adapter.make_progress(total)
@@ -88,3 +94,15 @@ class EmoCASTSampler:
             comfy_adapter.raise_cancelled(err)
         out = comfy_adapter.output_device()
         return (tensors.frames_to_image(result.frames, out), tensors.clip_to_audio(result.audio), float(result.fps))
+
+
+def _settings(widget_values: dict[str, Any], **fixed: Any) -> "SamplingSettings":
+    """The sampler settings from the node's widgets; a widget left out (None: a script calling the node, or a
+    linked input at queue time) keeps the library's default."""
+    from ..emocast_core.sampling_settings import SamplingSettings
+
+    default = SamplingSettings(**fixed)
+    given = {k: v for k, v in widget_values.items() if v is not None}
+    weights = tuple(float(given.pop(f"{branch}_weight", d))
+                    for branch, d in zip(("pose", "face", "lip"), default.weights))
+    return replace(default, weights=weights, **{k: type(getattr(default, k))(v) for k, v in given.items()})

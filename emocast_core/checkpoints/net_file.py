@@ -47,9 +47,10 @@ def check_layout(path: str | Path, layout: Mapping[str, Any], config: NetConfig,
                     + ": this is not an EmoCAST net.pth (a bare SD UNet or motion-module file?).")
     else:
         other = _matching_builtin(layout, config)
-        problem += (f" It matches the {other} instead: pass that config." if other else
-                    " Use the official net.pth (or a file converted from it), or pass the model config "
-                    "these weights were trained with.")
+        problem += (f" It matches the {other} instead: use that config (as config.json in the model folder, or "
+                    "--config / --tiny for convert and inspect)." if other else
+                    " Use the official net.pth (or a file converted from it), or the model config these weights "
+                    "were trained with (config.json in the model folder, or --config for convert and inspect).")
     raise CheckpointError(path, problem, report)
 
 
@@ -119,6 +120,8 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = 
         raise ValueError(f"convert: source and destination are the same file ({src}); choose another output")
     if not is_safetensors(dst):
         raise ValueError(f"convert: the output {dst} must end in .safetensors")
+    if dst.is_dir():
+        raise ValueError(f"convert: the output {dst} is a folder; give the path of the .safetensors file to write")
     config = resolve_config(src, config)
     check_layout(src, read_layout(src), config)
     state = load_state_dict(src)

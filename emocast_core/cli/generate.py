@@ -14,23 +14,38 @@ from ..sampling_settings import SamplingSettings
 from .table import Arg, arg
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..sampling import Progress
 
 log = logging.getLogger("emocast_core")
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); EXIF orientation applied (phone portraits are stored sideways)."""
+    """RGB uint8 (H, W, 3); EXIF orientation applied (phone portraits are stored sideways); 16-bit images are
+    scaled to 8 bits (PIL's own conversion saturates them)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the portrait {path} is a folder; give the path of an image file (PNG or JPEG)")
     if not path.is_file():
         raise FileNotFoundError(f"portrait {path} does not exist")
     try:
         with Image.open(path) as img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            return _rgb8(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"the portrait {path} has more pixels than is safe to open ({exc}); scale it down to a "
+                         "few thousand pixels a side") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read the portrait {path} as an image ({exc}); use a PNG or JPEG file") from exc
+
+
+def _rgb8(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I;16B", ...) or 32-bit integer ("I"): 0..65535
+        grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 class TqdmProgress:
@@ -57,15 +72,23 @@ def generate_from_files(models_dir: str | Path, image: str | Path, audio: str | 
                         crossfade: float = 0.5, strength: float = 1.0, device: str = "auto", dtype: str = "auto",
                         net: str | Path | None = None, separate_vocals: bool = True,
                         show_progress: bool = True) -> Path:
+    from ..generation_steps import check_settings
     from ..model_paths import ModelPaths
     from ..pipeline import GenerationRequest, generate_video
     from ..preprocess.audio import load_audio
-    from ..runtime import EmoCASTModels
+    from ..preprocess.face import validate_portrait
+    from ..runtime import EmoCASTModels, resolve_device, resolve_dtype
 
+    # Settings and files first: a typo must not cost minutes of model loading, and nothing is created yet.
     out = Path(out)
     if out.suffix.lower() != ".mp4":
-        raise ValueError(f"output {out} must end in .mp4")
-    portrait = load_image(image)  # read the inputs first: a bad file fails before minutes of model loading
+        raise ValueError(f"--out {out} must end in .mp4")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the .mp4 file to write")
+    check_settings(settings, size, emotion, crossfade, strength)
+    resolve_dtype(dtype, resolve_device(device))
+    portrait = load_image(image)
+    validate_portrait(portrait)
     speech = load_audio(audio)
     paths = ModelPaths.resolve(models_dir, net=net)
     started = time.perf_counter()

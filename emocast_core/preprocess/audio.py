@@ -107,6 +107,8 @@ def validate_clip(clip: AudioClip, source: str = "audio", fps: int = FPS) -> Non
 def load_audio(path: str | os.PathLike) -> AudioClip:
     """Decode the first audio stream of a file into a validated float32 `AudioClip` (native rate/channels)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the audio {path} is a folder; give the path of a speech file ({SUPPORTED_FORMATS}).")
     if not path.is_file():
         raise FileNotFoundError(f"Audio file not found: {path}; check the path (expected {SUPPORTED_FORMATS}).")
     try:

@@ -146,6 +146,19 @@ def _roles_by_file(model_dir: Path, providers: Sequence[str]) -> dict[str, str]:
     return roles
 
 
+def _unreadable_model_error(model_dir: Path, providers: Sequence[str], exc: Exception) -> ValueError:
+    """Name the .onnx file ONNX Runtime cannot load (truncated, corrupt, not ONNX at all)."""
+    import onnxruntime
+
+    for path in sorted(model_dir.glob("*.onnx")):
+        try:
+            onnxruntime.InferenceSession(str(path), providers=list(providers))
+        except Exception as file_exc:  # ONNX Runtime's own exception types derive from Exception only
+            return ValueError(f"the face-analysis model {path} cannot be loaded ({file_exc}); it is truncated or "
+                              "not an ONNX model: download it again from the insightface model zoo")
+    return ValueError(f"the face-analysis models in {model_dir} cannot be loaded: {exc}")
+
+
 def _missing_roles_error(model_dir: Path, missing: Sequence[str], found: dict[str, str]) -> FileNotFoundError:
     wanted = "; ".join(f"{role} (expected e.g. {EXPECTED_FILES[role]})" for role in missing)
     seen = ", ".join(f"{name} -> {role}" for name, role in sorted(found.items())) or "none"
@@ -267,6 +280,10 @@ def _load_face_analysis(model_dir: Path, providers: Sequence[str], roles: Sequen
         if DETECTION in found.values():
             raise
         raise _missing_roles_error(model_dir, [r for r in roles if r not in found.values()], found) from None
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise _unreadable_model_error(model_dir, providers, exc) from exc
     missing = [role for role in roles if role not in app.models]
     if missing:
         found = {Path(m.model_file).name: task for task, m in app.models.items()}
@@ -300,7 +317,8 @@ class PreparedFace:
     detection_box: tuple[float, float, float, float]
 
 
-def _validate_image(image: np.ndarray) -> None:
+def validate_portrait(image: np.ndarray) -> None:
+    """The portrait array is usable (RGB uint8, big enough); checked before any model runs."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"the portrait must be a numpy array (H, W, 3) RGB uint8, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -336,7 +354,7 @@ def prepare_face(image: np.ndarray, analyzer: FaceAnalyzer, size: int = 512, cro
     whole image is resized to a square without cropping (meant for square, face-centred portraits).
     Rectangles and masks are computed at the portrait's own resolution, as the official code does.
     """
-    _validate_image(image)
+    validate_portrait(image)
     if not isinstance(size, (int, np.integer)) or size < 64 or size % 64:
         raise ValueError(f"size must be a positive multiple of 64 (latent = size / 8, halved three times "
                          f"by the UNet), got {size!r}")
