@@ -206,3 +206,17 @@ def test_nodes_validate_their_widgets_at_queue_time():
     assert emotion.VALIDATE_INPUTS(text="0: calm | 2.0: angry", crossfade=0.5, strength=1.0) is True
     assert "does not come after the previous key" in emotion.VALIDATE_INPUTS(text="0: a | 0: b")
     assert emotion.VALIDATE_INPUTS(strength=math.nan) == "strength must be a finite number, got nan"
+
+
+def test_the_comfyui_image_path_keeps_fine_tones():
+    """ComfyUI's IMAGE is float in [0, 1] (its Load Image scales 16-bit files itself): the portrait is rounded,
+    never saturated."""
+    import torch
+
+    from emocast_pack.nodes import tensors
+
+    ramp = torch.linspace(0, 1, 48 * 64).reshape(1, 48, 64, 1).expand(1, 48, 64, 3)
+    portrait = tensors.image_to_portrait(ramp)
+    assert portrait.dtype == np.uint8 and portrait.shape == (48, 64, 3)
+    np.testing.assert_array_equal(portrait[..., 1], np.round(ramp[0, ..., 1].numpy() * 255).astype(np.uint8))
+    assert (portrait == 255).mean() < 0.01
