@@ -3,8 +3,12 @@
 Differences from the official release (docs/release_quirks.md §15), on purpose:
 - Frame `i` gets the presentation time exactly `i / fps` (integer timestamps in a `1/fps` time base), so
   no frame is ever duplicated or dropped; the release samples a float clock and repeats a few frames.
-- The file appears at its destination only once complete (a hidden `.partial.mp4` sibling is renamed
-  over it); a failure or Ctrl-C leaves the folder as it was.
+- The file appears at its destination only once complete (a hidden `.<name>.<pid>.partial` sibling is
+  renamed over it); a failure, Ctrl-C or SIGTERM (from the command line) leaves the folder as it was. A
+  SIGKILL or power loss can leave the partial file; the next write to the same destination removes it once
+  the process named in it no longer runs.
+- An output path that is a symbolic link is written through: the video replaces the link's target (the
+  partial file is written beside the target, so the rename stays on one file system) and the link stays.
 
 Kept from the release: 8-bit quantisation is `floor(255·x)` after clamping (a truncating cast, not
 rounding), and the audio track is the driving audio cut (or silence-padded) to exactly `T / fps` seconds.
@@ -15,9 +19,11 @@ the video comes out one pixel larger in that dimension.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
-import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 from av.video.reformatter import Interpolation
 
+from .partial_files import create_partial, release_partial, remove_stale_partials, write_target
 from .preprocess.audio import AudioClip
 from .rates import FPS
 
@@ -34,7 +41,8 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 # swscale converts RGB with the BT.601 matrix (limited range); tagging the stream says so, so players do
 # not guess BT.709 and shift the colours. sRGB content has BT.709 primaries and transfer.
 _X264_COLOUR_TAGS = "colorprim=bt709:transfer=bt709:colormatrix=smpte170m:range=tv"
-_PARTIAL_SUFFIX = ".partial.mp4"
+
+logger = logging.getLogger(__name__)
 
 
 def _accurate_scaling() -> int | None:
@@ -159,9 +167,13 @@ class VideoWriter:
 
     Frames are encoded as they arrive, and the audio track is encoded alongside them (so the two are
     interleaved in the file); at exit the audio is cut or silence-padded to `num_frames / fps` seconds.
-    Everything goes to a hidden `.<stem>.<random>.partial.mp4` next to `path`, which is renamed over
-    `path` only if the block ends without an exception. On any exception — KeyboardInterrupt included —
-    the partial file is deleted and an existing file at `path` stays untouched.
+    Everything goes to a hidden `.<name>.<pid>.partial` next to `path`, which is renamed over `path` only if
+    the block ends without an exception. On any exception — KeyboardInterrupt (and the command line's
+    SIGTERM) included — the partial file is deleted and an existing file at `path` stays untouched.
+
+    Entering the block first removes partial files of `path` left by processes that no longer run (a SIGKILL
+    gives no chance to clean up), and logs that an existing file at `path` will be replaced. A symbolic link
+    at `path` is written through: its target is replaced, the link stays.
     """
 
     def __init__(
@@ -192,6 +204,7 @@ class VideoWriter:
         self._frame_size: tuple[int, int] | None = None  # (height, width) as given, before even-padding
         self._num_frames = 0
         self._partial: Path | None = None
+        self._target: Path | None = None  # the file replaced at commit: `path`, or the target of a link there
         self._container: av.container.OutputContainer | None = None
         self._video_stream: av.video.stream.VideoStream | None = None
         self._audio_stream: av.audio.stream.AudioStream | None = None
@@ -206,7 +219,9 @@ class VideoWriter:
             raise RuntimeError("a VideoWriter can be used for one `with` block only; create a new one")
         self._partial = self._create_partial_file()
         try:
-            self._container = av.open(str(self._partial), mode="w", format="mp4", options={"movflags": "+faststart"})
+            with self._disk_errors():
+                self._container = av.open(str(self._partial), mode="w", format="mp4",
+                                          options={"movflags": "+faststart"})
         except BaseException:
             self._abort()
             raise
@@ -219,10 +234,26 @@ class VideoWriter:
             self._abort()
             return
         try:
-            self._commit()
+            with self._disk_errors():
+                self._commit()
         except BaseException:
             self._abort()
             raise
+
+    @contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """An OS error while writing (a full or read-only disk) names the output the user asked for, not the
+        hidden partial file, and says what to do."""
+        try:
+            yield
+        except OSError as err:
+            reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                      errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(
+                err.errno, err.strerror or str(err))
+            named = OSError(f"cannot write the video {self.path}: {reason}; free some space or choose another "
+                            "output path")
+            named.errno = err.errno  # str() stays the sentence, errno stays for callers that test it
+            raise named from err
 
     def write(self, frames: FrameChunk) -> None:
         """Encode one frame or a chunk of frames (see the class docstring for the accepted layouts)."""
@@ -237,27 +268,32 @@ class VideoWriter:
             raise ValueError(
                 f"all frames must have the same size: got {size[1]}x{size[0]} after {self._frame_size[1]}x{self._frame_size[0]}"
             )
-        for image in _pad_to_even(images):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p", interpolation=_SCALING)
-            # Integer timestamps in a 1/fps time base: frame i is presented at exactly i / fps.
-            frame.pts = self._num_frames
-            frame.time_base = 1 / self.fps
-            self._mux(self._video_stream.encode(frame))
-            self._num_frames += 1
-        self._send_audio_until(self._audio_samples_for(self._num_frames))
+        with self._disk_errors():
+            for image in _pad_to_even(images):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p",
+                                                                                   interpolation=_SCALING)
+                # Integer timestamps in a 1/fps time base: frame i is presented at exactly i / fps.
+                frame.pts = self._num_frames
+                frame.time_base = 1 / self.fps
+                self._mux(self._video_stream.encode(frame))
+                self._num_frames += 1
+            self._send_audio_until(self._audio_samples_for(self._num_frames))
 
     def _create_partial_file(self) -> Path:
-        folder = self.path.parent
+        target = self._target = write_target(self.path)
+        folder = target.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OSError(f"cannot create the output folder {folder} for {self.path.name}: {err}") from err
-        partial = folder / f".{self.path.stem}.{secrets.token_hex(4)}{_PARTIAL_SUFFIX}"
+            raise OSError(f"cannot create the output folder {folder} for {target.name}: {err}") from err
+        remove_stale_partials(target, "video")
         try:
-            # Plain open (not mkstemp): the finished video gets the user's normal umask permissions.
-            partial.open("xb").close()
+            partial = create_partial(target)
         except PermissionError as err:
             raise PermissionError(f"cannot write video {self.path}: the folder {folder} is not writable ({err})") from err
+        if target.exists():
+            # info, not a warning: replacing --out is what was asked for; the line says so before the work.
+            logger.info("%s exists; it will be replaced when the new video is complete", self.path)
         return partial
 
     def _add_streams(self, even_size: tuple[int, int]) -> None:
@@ -303,8 +339,13 @@ class VideoWriter:
         with self._partial.open("rb+") as handle:
             # Without it a crash right after the rename can leave a truncated file under the final name.
             os.fsync(handle.fileno())
-        os.replace(self._partial, self.path)
-        self._partial = None
+        partial, self._partial = self._partial, None
+        try:
+            os.replace(partial, self._target)
+        except BaseException:
+            self._partial = partial  # still ours: _abort deletes it
+            raise
+        release_partial(partial, delete=False)  # renamed: its name may already be another writer's
         self._finished = True
 
     def _abort(self) -> None:
@@ -315,7 +356,7 @@ class VideoWriter:
             except Exception:  # noqa: BLE001 - the file is being discarded; the original error matters
                 pass
         if self._partial is not None:
-            self._partial.unlink(missing_ok=True)
+            release_partial(self._partial, delete=True)
             self._partial = None
         self._finished = True
 

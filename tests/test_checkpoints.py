@@ -1,9 +1,11 @@
 """Checkpoint layout checks, strict loading, conversion and initialisation from SD1.5 + AnimateDiff."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from file_helpers import dead_pid, listing, umask
 from emocast_core import checkpoints as ck
 from emocast_core.cli import main as cli_main
 from emocast_core.checkpoints.layout import _format_indices
@@ -347,3 +350,104 @@ def test_cli_convert_and_inspect_exit_codes(tmp_path, tiny_pth, tiny_state, caps
     assert run.returncode == 1, run.stdout + run.stderr
     assert "missing 1 key in 1 pattern:\n  audioproj.norm.weight  x1  [768]" in run.stdout
     assert "dtypes: float32 x1797" in run.stdout
+
+
+# ---- writing: partial files, permissions, replaced outputs, symbolic links ---------------------------------------
+
+def test_our_safetensors_writer_is_byte_identical_to_the_reference():
+    from safetensors.torch import save
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t_{dtype}": (torch.randn(3, 2, generator=gen) * 9).to(getattr(torch, dtype))
+               for dtype in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                             "uint8", "float8_e4m3fn", "float8_e5m2")}
+    tensors.update(flag=torch.tensor([True, False]), scalar=torch.tensor(2.5), empty=torch.zeros(0, 3),
+                   a_first_by_name=torch.ones(5, dtype=torch.float16))
+    ours = io.BytesIO()
+    metadata = {"emocast_config": json.dumps({"name": "tiny é", "sizes": [1, 2]})}  # one key: the reference
+    ck.files._write_safetensors(ours, tensors, metadata)                             # orders several randomly
+    assert ours.getvalue() == save(tensors, metadata=metadata)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_convert_output_has_the_umask_permissions(tmp_path, tiny_pth, tiny, mask, mode):
+    with umask(mask):
+        dst = ck.convert(tiny_pth, tmp_path / "net.safetensors", config=tiny)
+        assert cli_main(["-q", "convert", str(tiny_pth), str(tmp_path / "cli.safetensors"), "--tiny"]) == 0
+    assert listing(tmp_path) == ["cli.safetensors", "net.safetensors"]
+    assert dst.stat().st_mode & 0o777 == mode and (tmp_path / "cli.safetensors").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("stop", [OSError("No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+def test_failed_convert_leaves_no_partial_file_and_keeps_the_old_output(tmp_path, tiny_pth, tiny, monkeypatch,
+                                                                        stop):
+    dst = tmp_path / "net.safetensors"
+    dst.write_bytes(b"the previous conversion")
+    seen = []
+
+    def fail_half_way(fh, tensors, metadata):
+        fh.write(b"x" * 1000)
+        seen.extend(listing(tmp_path))
+        raise stop
+
+    monkeypatch.setattr(ck.files, "_write_safetensors", fail_half_way)
+    with pytest.raises(type(stop)):
+        ck.convert(tiny_pth, dst, config=tiny)
+    assert seen == [f".net.safetensors.{os.getpid()}.partial", "net.safetensors"]
+    assert listing(tmp_path) == ["net.safetensors"] and dst.read_bytes() == b"the previous conversion"
+
+
+def test_stale_partial_files_are_removed_by_the_next_convert(tmp_path, tiny_pth, tiny, caplog):
+    gone, alive = dead_pid(), os.getppid()
+    stale, live = f".net.safetensors.{gone}.partial", f".net.safetensors.{alive}.partial"
+    other, old = f".other.safetensors.{gone}.partial", ".net.safetensors.k2j4h5l1.tmp"  # old: mkstemp's names
+    for name in (stale, live, other, old):
+        (tmp_path / name).write_bytes(b"\0" * 3 * 2**20)
+    caplog.set_level(logging.INFO, logger="emocast_core.checkpoints")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    ck.convert(tiny_pth, tmp_path / "net.safetensors", config=tiny)
+    assert listing(tmp_path) == sorted([live, other, old, "net.safetensors"])
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed")] == [
+        f"removed {tmp_path / stale} (3.0 MB), a partial file left by process {gone}, which no longer runs"]
+
+
+def test_replacing_an_existing_output_is_logged(tmp_path, tiny_pth, caplog):
+    dst = tmp_path / "net.safetensors"
+    caplog.set_level(logging.INFO, logger="emocast_core.checkpoints")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    assert cli_main(["-q", "convert", str(tiny_pth), str(dst), "--tiny"]) == 0
+    assert not any("replaced" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    assert cli_main(["-q", "convert", str(tiny_pth), str(dst), "--tiny", "--dtype", "fp16"]) == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "replaced" in r.getMessage()] == [
+        ("INFO", f"{dst} exists; it will be replaced when the new file is complete")]
+    assert listing(tmp_path) == ["net.safetensors"] and ck.read_layout(dst)["imageproj.proj.weight"].dtype == "float16"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need privileges on Windows")
+def test_convert_writes_through_a_symbolic_link(tmp_path, tiny_pth, tiny, caplog, monkeypatch):
+    store, models = tmp_path / "big_disk", tmp_path / "models"
+    store.mkdir()
+    models.mkdir()
+    real, link = store / "emocast.safetensors", models / "emocast.safetensors"
+    real.write_bytes(b"an older conversion")
+    link.symlink_to(real)
+    caplog.set_level(logging.INFO, logger="emocast_core.checkpoints")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    seen = []
+    original = ck.files._write_safetensors
+
+    def spy(fh, tensors, metadata):
+        seen.append((listing(store), listing(models)))
+        original(fh, tensors, metadata)
+
+    monkeypatch.setattr(ck.files, "_write_safetensors", spy)
+    assert ck.convert(tiny_pth, link, dtype="fp16", config=tiny) == link
+    assert seen == [([f".emocast.safetensors.{os.getpid()}.partial", "emocast.safetensors"], ["emocast.safetensors"])]
+    assert link.is_symlink() and link.resolve() == real
+    assert listing(store) == ["emocast.safetensors"] and listing(models) == ["emocast.safetensors"]
+    assert ck.read_layout(real)["imageproj.proj.weight"].dtype == "float16"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{link} is a symbolic link: writing to its target {real}" in messages
+    assert f"{link} exists; it will be replaced when the new file is complete" in messages

@@ -1,6 +1,7 @@
 """Video output: frames + speech -> MP4 (H.264 + AAC), read back; exact timing, quantisation and atomic writes."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from emocast_core.preprocess.audio import AudioClip
+from file_helpers import dead_pid, listing, umask
 from emocast_core.video import VideoWriter, frames_to_uint8, read_video, write_video
 
 T, H, W, FPS = 10, 48, 64, 25
@@ -40,16 +42,12 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.corrcoef(a[..., :n].numpy(), b[..., :n].numpy())[0, 1])
 
 
-def folder_listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
-
 @pytest.mark.parametrize("rate,freqs", [(16000, (440.0,)), (44100, (440.0, 660.0))], ids=["16k-mono", "44k-stereo"])
 def test_round_trip_frames_timing_and_audio(tmp_path: Path, rate: int, freqs: tuple[float, ...]) -> None:
     frames = smooth_frames()
     clip = tone_clip(T / FPS, rate, freqs)
     out = write_video(tmp_path / "clip.mp4", frames, fps=FPS, audio=clip)
-    assert out == tmp_path / "clip.mp4" and folder_listing(tmp_path) == ["clip.mp4"]
+    assert out == tmp_path / "clip.mp4" and listing(tmp_path) == ["clip.mp4"]
 
     decoded, fps, audio = read_video(out)
     expected = frames_to_uint8(frames).astype(np.float32)
@@ -136,7 +134,7 @@ def test_parent_folders_are_created_and_existing_target_replaced(tmp_path: Path)
     assert read_video(target)[0].shape[0] == 3
     write_video(target, smooth_frames(5))
     assert read_video(target)[0].shape[0] == 5
-    assert folder_listing(target.parent) == ["clip.mp4"]
+    assert listing(target.parent) == ["clip.mp4"]
 
 
 def _failing_source(exc: BaseException):
@@ -151,14 +149,14 @@ def test_failure_mid_write_leaves_no_trace(tmp_path: Path, exc: BaseException) -
     fresh = tmp_path / "fresh.mp4"
     with pytest.raises(type(exc)):
         write_video(fresh, _failing_source(exc), audio=tone_clip(0.4, 16000, (440.0,)))
-    assert folder_listing(tmp_path) == []
+    assert listing(tmp_path) == []
 
     existing = tmp_path / "existing.mp4"
     write_video(existing, smooth_frames(2))
     before = existing.read_bytes()
     with pytest.raises(type(exc)):
         write_video(existing, _failing_source(exc))
-    assert folder_listing(tmp_path) == ["existing.mp4"] and existing.read_bytes() == before
+    assert listing(tmp_path) == ["existing.mp4"] and existing.read_bytes() == before
 
 
 def test_writer_commits_only_on_clean_exit(tmp_path: Path) -> None:
@@ -166,10 +164,10 @@ def test_writer_commits_only_on_clean_exit(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="boom"):
         with VideoWriter(target) as writer:
             writer.write(smooth_frames(2))
-            assert target.exists() is False and len(folder_listing(tmp_path)) == 1  # only the partial file
-            assert folder_listing(tmp_path)[0].endswith(".partial.mp4")
+            assert target.exists() is False  # only the partial file, named after the target and this process
+            assert listing(tmp_path) == [f".clip.mp4.{os.getpid()}.partial"]
             raise ValueError("boom")
-    assert folder_listing(tmp_path) == []
+    assert listing(tmp_path) == []
     with VideoWriter(target) as writer:
         writer.write(smooth_frames(2))
         writer.write(smooth_frames(2))
@@ -194,7 +192,7 @@ def test_writer_commits_only_on_clean_exit(tmp_path: Path) -> None:
 def test_bad_frames_are_rejected_and_leave_nothing(tmp_path: Path, frames, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         write_video(tmp_path / "bad.mp4", frames)
-    assert folder_listing(tmp_path) == []
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -210,7 +208,7 @@ def test_bad_frames_are_rejected_and_leave_nothing(tmp_path: Path, frames, error
 def test_bad_settings_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         write_video(tmp_path / "bad.mp4", smooth_frames(2), **kwargs)
-    assert folder_listing(tmp_path) == []
+    assert listing(tmp_path) == []
 
 
 def test_bad_destinations(tmp_path: Path) -> None:
@@ -247,7 +245,7 @@ def test_permission_error_names_the_folder(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(Path, "open", refuse_create)
     with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
         write_video(tmp_path / "clip.mp4", smooth_frames(2))
-    assert folder_listing(tmp_path) == []
+    assert listing(tmp_path) == []
 
 
 def test_failed_rename_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +258,7 @@ def test_failed_rename_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr("emocast_core.video.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk unplugged"):
         write_video(target, smooth_frames(4))
-    assert folder_listing(tmp_path) == ["clip.mp4"] and target.read_bytes() == before
+    assert listing(tmp_path) == ["clip.mp4"] and target.read_bytes() == before
 
 
 def test_read_video_missing_file(tmp_path: Path) -> None:
@@ -276,3 +274,109 @@ def test_unusual_rate_and_channel_count_are_converted_for_aac(tmp_path: Path) ->
     assert abs(audio.num_samples - round(T / FPS * 22050)) <= 1024
     reference = tone_clip(T / FPS, 22050, (440.0,)).waveform[0]
     assert correlation(audio.waveform[0], reference) > 0.95 and correlation(audio.waveform[1], reference) > 0.95
+
+
+# ---- partial files, permissions, replaced outputs, symbolic links ----------------------------------------------
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_finished_video_has_the_umask_permissions(tmp_path: Path, mask: int, mode: int) -> None:
+    with umask(mask):
+        out = write_video(tmp_path / "clip.mp4", smooth_frames(2))
+    assert listing(tmp_path) == ["clip.mp4"]
+    assert out.stat().st_mode & 0o777 == mode
+
+
+def test_stale_partials_of_the_target_are_removed_on_the_next_write(tmp_path: Path, caplog) -> None:
+    gone, own, alive = dead_pid(), os.getpid(), os.getppid()  # own: left by an earlier process with our PID
+    names = {
+        "dead": f".clip.mp4.{gone}.partial", "dead-second-writer": f".clip.mp4.{gone}-1.partial",
+        "own-pid": f".clip.mp4.{own}.partial", "alive": f".clip.mp4.{alive}.partial",
+        "other-target": f".other.mp4.{gone}.partial", "not-a-pid": ".clip.mp4.x1.partial",
+        "old-scheme": ".clip.1a2b3c4d.partial.mp4",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half a video")
+    caplog.set_level(logging.INFO, logger="emocast_core.video")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    write_video(tmp_path / "clip.mp4", smooth_frames(2))
+    kept = [names[k] for k in ("alive", "other-target", "not-a-pid", "old-scheme")]
+    assert listing(tmp_path) == sorted([*kept, "clip.mp4"])
+    removed = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("removed"))
+    assert removed == sorted(
+        f"removed {tmp_path / names[k]} (0.0 MB), a partial video left by process {pid}, which no longer runs"
+        for k, pid in (("dead", gone), ("dead-second-writer", gone), ("own-pid", own)))
+
+
+def test_two_writers_of_one_target_in_one_process_do_not_collide(tmp_path: Path) -> None:
+    target = tmp_path / "clip.mp4"
+    with VideoWriter(target) as first:
+        first.write(smooth_frames(2))
+        with VideoWriter(target) as second:  # must neither delete the first's partial file nor reuse it
+            second.write(smooth_frames(3))
+            pid = os.getpid()
+            assert listing(tmp_path) == [f".clip.mp4.{pid}-1.partial", f".clip.mp4.{pid}.partial"]
+        assert listing(tmp_path) == [f".clip.mp4.{pid}.partial", "clip.mp4"]
+    assert listing(tmp_path) == ["clip.mp4"] and read_video(target)[0].shape[0] == 2  # the last to finish
+
+
+def test_replacing_an_existing_video_is_logged(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="emocast_core.video")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    target = tmp_path / "clip.mp4"
+    write_video(target, smooth_frames(2))
+    assert [r.getMessage() for r in caplog.records] == []
+    write_video(target, smooth_frames(3))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"{target} exists; it will be replaced when the new video is complete")]
+    assert listing(tmp_path) == ["clip.mp4"] and read_video(target)[0].shape[0] == 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need privileges on Windows")
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-target", "dangling-link"])
+def test_a_symbolic_link_is_written_through_to_its_target(tmp_path: Path, caplog, existing: bool) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "out").mkdir()
+    real, link = tmp_path / "store" / "real.mp4", tmp_path / "out" / "link.mp4"
+    if existing:
+        real.write_bytes(b"old video")
+    link.symlink_to(Path("..") / "store" / "real.mp4")
+    caplog.set_level(logging.INFO, logger="emocast_core.video")
+    caplog.set_level(logging.INFO, logger="emocast_core.partial_files")
+    with VideoWriter(link) as writer:
+        writer.write(smooth_frames(2))
+        # the partial file is beside the target, so the rename stays on the target's file system
+        assert listing(tmp_path / "store") == [f".real.mp4.{os.getpid()}.partial", *(["real.mp4"] * existing)]
+        assert listing(tmp_path / "out") == ["link.mp4"]
+    assert writer.path == link
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "store", "real.mp4")
+    assert listing(tmp_path / "out") == ["link.mp4"] and listing(tmp_path / "store") == ["real.mp4"]
+    assert read_video(real)[0].shape[0] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"{link} is a symbolic link: writing to its target {real}"
+    assert messages[1:] == ([f"{link} exists; it will be replaced when the new video is complete"] if existing else [])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need privileges on Windows")
+def test_a_symbolic_link_loop_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.mp4").symlink_to("b.mp4")
+    (tmp_path / "b.mp4").symlink_to("a.mp4")
+    with pytest.raises(OSError, match="a.mp4: it is a symbolic link that cannot be followed"):
+        write_video(tmp_path / "a.mp4", smooth_frames(2))
+    assert listing(tmp_path) == ["a.mp4", "b.mp4"]
+
+
+@pytest.mark.parametrize("code, reason", [(28, "the disk is full"), (30, "the file system is read-only")])
+def test_a_full_or_read_only_disk_names_the_output(tmp_path, monkeypatch, code, reason):
+    """The error names the video asked for (not the hidden partial file) and leaves the folder as it was."""
+    def fail(self, packets):
+        raise OSError(code, os.strerror(code), str(self._partial))
+
+    monkeypatch.setattr(VideoWriter, "_mux", fail)
+    out = tmp_path / "talking.mp4"
+    with pytest.raises(OSError) as info:
+        write_video(out, smooth_frames())
+    assert str(info.value) == (f"cannot write the video {out}: {reason}; free some space or choose another "
+                               "output path")
+    assert info.value.errno == code and ".partial" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []

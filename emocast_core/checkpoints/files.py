@@ -2,7 +2,13 @@
 ``.pt``, ``.ckpt``, ``.bin``, always with ``weights_only``), with one error type for every unusable file.
 
 Layouts are read without tensor data: a safetensors header, or a torch zip opened on the ``meta`` device, so
-a wrong 5 GB file is rejected in well under a second. Files are written atomically.
+a wrong 5 GB file is rejected in well under a second.
+
+Files are written atomically, through a hidden ``.<name>.<pid>.partial`` beside the destination that is renamed
+over it once complete (with the permissions of the user's umask, like any new file). A failure, Ctrl-C or
+the command line's SIGTERM deletes it; one left by a SIGKILL is deleted by the next write to the same
+destination once the process named in it no longer runs. A symbolic link at the destination is written
+through: its target is replaced, the link stays.
 """
 from __future__ import annotations
 
@@ -11,14 +17,16 @@ import logging
 import math
 import os
 import pickle
+import re
 import struct
-import tempfile
+import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from ..partial_files import create_partial, release_partial, remove_stale_partials, write_target
 from .layout import Layout, TensorSpec, format_report
 
 if TYPE_CHECKING:
@@ -38,6 +46,11 @@ _SAFETENSORS_DTYPES = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+_SAFETENSORS_CODES = {torch_name: code for code, torch_name in _SAFETENSORS_DTYPES.items()}
+# The reference writer orders tensors by dtype (its enum order, descending), then name: larger items first, so
+# every tensor's data is aligned to its item size. Following it makes our files byte-identical to its.
+_SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                      "F64", "I64", "U64")
 _DTYPE_ALIASES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -121,30 +134,60 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,
                      dtype: torch.dtype | str | None = None, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write one safetensors file (floating tensors cast to `dtype` when given), atomically: the data
-    goes to a temporary file in the same folder that is renamed only once complete."""
-    from safetensors.torch import save_file
-
+    """Write one safetensors file (floating tensors cast to `dtype` when given), atomically: the data goes
+    to `.<name>.<pid>.partial` in the destination's folder, renamed over it only once complete. Returns
+    `path` as given (a symbolic link there is written through to its target)."""
     path = Path(path)
-    target = parse_dtype(dtype)
+    target_dtype = parse_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in state_dict.items():
-        tensor = cast_floating(tensor.detach(), target).to("cpu").contiguous()
+        tensor = cast_floating(tensor.detach(), target_dtype).to("cpu").contiguous()
         tensors[name] = _own_storage(tensor, seen_storages)
     meta = {"format": "pt", **(dict(metadata) if metadata else {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    target = write_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    tmp = create_partial(target)
+    renamed = False
     try:
-        save_file(tensors, tmp, metadata=meta)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if target.exists():
+            # info, not a warning: replacing the destination is what was asked for, but it should not go unsaid.
+            logger.info("%s exists; it will be replaced when the new file is complete", path)
+        with tmp.open("r+b") as fh:
+            _write_safetensors(fh, tensors, meta)
+            fh.flush()
+            os.fsync(fh.fileno())  # else a crash right after the rename can leave a truncated file under `path`
+        os.replace(tmp, target)
+        renamed = True
     finally:
-        tmp.unlink(missing_ok=True)
+        release_partial(tmp, delete=not renamed)  # once renamed, its name may already be another writer's
     return path
+
+
+def _write_safetensors(fh: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """The safetensors format, streamed tensor by tensor into our own file. (`safetensors.torch.save_file`
+    writes to a randomly named temporary file of its own, mode 0600, which a SIGKILL would leave behind.)"""
+    if sys.byteorder != "little":
+        raise OSError("writing safetensors files needs a little-endian machine")
+    try:
+        codes = {name: _SAFETENSORS_CODES[dtype_name(t.dtype)] for name, t in tensors.items()}
+    except KeyError as exc:
+        raise ValueError(f"safetensors cannot store tensors of dtype {exc.args[0]}") from None
+    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_ORDER.index(codes[name]), name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[name], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    fh.write(struct.pack("<Q", len(blob)))
+    fh.write(blob)
+    for name in order:
+        fh.write(memoryview(tensors[name].reshape(-1).view(torch.uint8).numpy()))
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -175,8 +218,12 @@ def _torch_load(path: Path, device: str | torch.device) -> dict[str, torch.Tenso
         # mmap only works for the zip format (torch >= 1.6); legacy pickles are read whole.
         obj = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, "holds objects other than tensors and plain containers; refusing to "
-                                    f"unpickle it (weights_only): {exc}") from exc
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" (it holds a {found.group(1)})" if found else ""
+        # Not torch's advice to retry with weights_only=False: that runs whatever code the file carries.
+        raise CheckpointError(path, f"holds Python objects other than tensors and plain containers{what}; "
+                                    "refusing to unpickle it, since that could run code. Use a weights-only file: "
+                                    "convert it to safetensors on a machine where you trust its source") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
         raise CheckpointError(path, f"cannot be read (truncated or corrupt?): {exc}") from exc
     return _unwrap_state_dict(path, obj)

@@ -7,6 +7,7 @@ end to end with no download and no GPU. The tiny sizes follow the official tiny 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -32,6 +33,16 @@ def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def _save_pretrained(model, folder: Path) -> None:
+    """`save_pretrained`, then the weights get the umask's permissions like every other file: safetensors
+    writes them through a temporary file of mode 0600, which another user of a shared model folder (a ComfyUI
+    service account) could not read. config.json, written with a plain open, has the umask's mode."""
+    model.save_pretrained(folder)
+    mode = os.stat(folder / "config.json").st_mode & 0o777
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
+
+
 def write_net(folder: Path, seed: int = 0) -> Path:
     config = NetConfig.tiny()
     net = build_net(config, zero_init=False)
@@ -48,7 +59,7 @@ def write_vae(folder: Path) -> Path:
     vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
                         latent_channels=4, sample_size=TINY_SIZE,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    vae.save_pretrained(folder)
+    _save_pretrained(vae, folder)
     return folder
 
 
@@ -75,7 +86,7 @@ def write_clip(folder: Path) -> Path:
                             num_attention_heads=2, max_position_embeddings=77,
                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                             pad_token_id=vocab["<|endoftext|>"])
-    CLIPTextModel(config).save_pretrained(folder)
+    _save_pretrained(CLIPTextModel(config), folder)
     return folder
 
 
@@ -87,7 +98,7 @@ def write_wav2vec2(folder: Path) -> Path:
     config = Wav2Vec2Config(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
                             conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                             feat_extract_norm="group", do_stable_layer_norm=False)
-    Wav2Vec2Model(config).save_pretrained(folder)
+    _save_pretrained(Wav2Vec2Model(config), folder)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(folder)
     return folder
