@@ -14,10 +14,9 @@ the frames later (the library's `build_emotion_schedule` does both, fed from a l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,13 +27,13 @@ from .preprocess.audio_features import AudioFeatures, extract_audio_features
 from .preprocess.face import PreparedFace, prepare_face
 from .rates import FPS
 from .runtime import EmoCASTModels
-from .sampling import Progress, SamplerInputs, iter_clips
+from .sampling import Progress, SamplerInputs, check_clip_length, iter_clips
 from .sampling_settings import SamplingSettings, check_size
 
 log = logging.getLogger("emocast_core.generation_steps")
 
 __all__ = ["EncodedAudio", "EncodedEmotion", "EncodedFace", "GenerationResult", "PromptTable", "encode_audio",
-           "encode_emotion", "encode_face", "prepare", "sample", "sample_clips", "trim_audio"]
+           "check_settings", "encode_emotion", "encode_face", "prepare", "sample", "sample_clips", "trim_audio"]
 
 
 @dataclass
@@ -174,15 +173,12 @@ def prepare(models: EmoCASTModels, face: EncodedFace, audio: EncodedAudio, emoti
     """Check the settings against the encoded inputs and assemble the sampler's input (every sampling path
     starts here)."""
     settings.validate()
-    if settings.clip_length != audio.clip_length:
-        raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
-                         f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
-                         f"{settings.clip_length}")
+    check_clip_length(audio.features, settings)
     f = face.prepared
     cond = SamplerInputs(
         reference=f.reference, face_region=f.face_region, identity=f.identity,
         masks=[f.masks.pose, f.masks.face, f.masks.lip],
-        audio_windows=audio.features.windows(models.net.config.audio_projection.window),
+        audio=audio.features,
         num_frames=audio.num_frames, emotion=emotion.schedule(audio.num_frames))
     duration = audio.num_frames / FPS
     late = [f"{key.time:g} s" for key in emotion.keys if key.time >= duration]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
@@ -21,6 +23,9 @@ from .models.net import EmoCASTNet
 from .models.reference_attention import ReferencePairing, ReferenceReader
 from .sampling_settings import IMAGE_SIZE_MULTIPLE, SamplingSettings
 from .scheduler import initial_noise
+
+if TYPE_CHECKING:
+    from .preprocess.audio_features import AudioFeatures
 
 
 class GenerationCancelled(RuntimeError):
@@ -33,14 +38,16 @@ class SamplerInputs:
 
     reference: (3, H, W) in [-1, 1]; face_region: (3, H, W) in [0, 1] (FaceLocator input); identity: (512,)
     raw ArcFace embedding; masks: (pose, face, lip), each a list over the 4 UNet levels of (L,) or (1, L)
-    tensors in [0, 1]; audio_windows: (N_pad, window, layers, channels) wav2vec2 windows, N_pad a multiple
-    of the clip length; num_frames: frames to keep (the audio's length at 25 fps)."""
+    tensors in [0, 1]; audio: the per-frame wav2vec2 features, padded to whole clips of the sampler's clip
+    length (the sampler builds each clip's windows of `net.config.audio_projection.window` frames as it
+    reaches the clip, never the whole video's at once); num_frames: frames to keep (the audio's length at
+    25 fps)."""
 
     reference: torch.Tensor
     face_region: torch.Tensor
     identity: torch.Tensor
     masks: Sequence[Sequence[torch.Tensor]]
-    audio_windows: torch.Tensor
+    audio: AudioFeatures
     num_frames: int
     emotion: EmotionSchedule
 
@@ -144,6 +151,14 @@ def generate_frames(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMSchedule
     return torch.cat(list(iter_clips(net, vae, scheduler, cond, settings, device, dtype, progress, cancel)))
 
 
+def check_clip_length(audio: AudioFeatures, settings: SamplingSettings) -> None:
+    """The audio features must be padded to whole clips of the length the sampler runs."""
+    if audio.clip_length != settings.clip_length:
+        raise ValueError(f"the audio features were padded to clips of {audio.clip_length} frames but sampling "
+                         f"uses clip_length {settings.clip_length}; encode the audio with clip_length "
+                         f"{settings.clip_length}")
+
+
 @torch.no_grad()
 def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, cond: SamplerInputs,
                settings: SamplingSettings, device: torch.device | str = "cpu",
@@ -154,11 +169,10 @@ def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, co
     a long video can be written as it is made instead of being held in memory."""
     settings.validate()
     device = torch.device(device)
-    n_pad = cond.audio_windows.shape[0]
+    n_pad = cond.audio.num_padded_frames
     clip_len, motion = settings.clip_length, settings.motion_frames
-    if n_pad % clip_len or n_pad == 0:
-        raise ValueError(f"audio windows cover {n_pad} frames, not a positive multiple of the clip length "
-                         f"{clip_len}: pad the audio features to whole clips")
+    check_clip_length(cond.audio, settings)
+    audio_window = net.config.audio_projection.window
     if not 0 < cond.num_frames <= n_pad:
         raise ValueError(f"num_frames {cond.num_frames} must be in 1..{n_pad}")
     clips = n_pad // clip_len
@@ -190,7 +204,7 @@ def iter_clips(net: EmoCASTNet, vae: AutoencoderKL, scheduler: DDIMScheduler, co
         decoded = sample_clip(
             net, vae, scheduler, prepared,
             torch.cat([reference[None], motion_frames]),
-            cond.audio_windows[start:start + clip_len].to(device, dtype),
+            cond.audio.clip_windows(clip, audio_window).to(device, dtype),
             (text.to(device, dtype), per_frame.to(device, dtype)), unconditional,
             noise.to(device, dtype), settings, on_step)
         motion_frames = (decoded[-motion:] * 2 - 1).to(device, dtype)

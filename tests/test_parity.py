@@ -43,7 +43,7 @@ def _run(folder: Path, dtype: torch.dtype = torch.float32, noise_dtype: torch.dt
     cond = SamplerInputs(
         reference=inputs["source_image_pixels"], face_region=inputs["face_region"], identity=inputs["face_emb"],
         masks=[inputs["full_mask"], inputs["face_mask"], inputs["lip_mask"]],
-        audio_windows=audio.windows(net.config.audio_projection.window),
+        audio=audio,
         num_frames=inputs["audio_length"], emotion=emotion)
     assert tuple(cond.reference.shape[-2:]) == (inputs["height"], inputs["width"])
     settings = SamplingSettings(steps=inputs["steps"], cfg=inputs["cfg"], seed=inputs["seed"],

@@ -19,6 +19,7 @@ import torch
 from ..config import NetConfig
 from ..emotion import EmotionSchedule, EmotionKey
 from ..models.net import build_net
+from ..preprocess.audio_features import AudioFeatures
 from ..rates import FPS
 from ..runtime import PRECISIONS, resolve_device, resolve_dtype
 from ..sampling import SamplerInputs, generate_frames
@@ -76,7 +77,8 @@ def _conditioning(config: NetConfig, size: int, frames: int, clip_length: int) -
         face_region=torch.rand(3, size, size, generator=g),
         identity=torch.randn(config.face_projection.identity_dim, generator=g),
         masks=[[torch.rand(s * s, generator=g) for s in levels] for _ in range(3)],
-        audio_windows=torch.randn(padded, ap.window, ap.layers, ap.channels, generator=g),
+        audio=AudioFeatures(torch.randn(padded, ap.layers, ap.channels, generator=g), num_frames=frames,
+                            clip_length=clip_length),
         num_frames=frames, emotion=emotion)
 
 
