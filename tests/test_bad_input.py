@@ -126,8 +126,9 @@ def test_sixteen_bit_portraits_keep_their_tones(tmp_path):
 
 def test_an_image_over_the_pixel_limit_is_refused(inputs, models, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the astronaut has 512 x 512: over twice the limit
-    assert main(_args(inputs, models, tmp_path / "a.mp4")) == 1
+    assert main(_args(inputs, models, tmp_path / "out" / "a.mp4")) == 1
     assert "has more pixels than is safe to open" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("content, message", [
