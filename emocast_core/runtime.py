@@ -6,6 +6,7 @@ from an `EmoCASTModels`; this module sits below all of them and imports only the
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers.utils import is_accelerate_available
 
 from .checkpoints import load_net, parse_dtype
 from .emotion import EmotionTextEncoder
@@ -25,13 +27,17 @@ from .preprocess.vocal_separation import find_separator
 from .scheduler import make_scheduler
 from .single_file import load_clip_text_file, load_vae_file, load_wav2vec2_file
 
-# The choices a user has for the precision; "auto" is resolved by `resolve_dtype`.
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The choices a user has for the precision; "auto" is resolved by `resolve_dtype`. "fp16" on the CPU falls
+# back to fp32 (with a warning); "fp16-force" runs fp16 wherever it is asked for.
+FORCED_FP16 = "fp16-force"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", FORCED_FP16)
 # The torch modules of EmoCASTModels that can change device (the face analyzer is ONNX Runtime).
 MOVABLE_PARTS = ("net", "vae", "text_encoder", "audio_encoder")
 
-__all__ = ["EmoCASTModels", "MOVABLE_PARTS", "PRECISIONS", "move_models", "onnx_providers", "parameter_bytes",
-           "part_modules", "resolve_device", "resolve_dtype"]
+log = logging.getLogger(__name__)
+
+__all__ = ["EmoCASTModels", "FORCED_FP16", "MOVABLE_PARTS", "PRECISIONS", "move_models", "onnx_providers",
+           "parameter_bytes", "part_modules", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -50,13 +56,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on a GPU (what the release runs), fp32 on the CPU (where fp16 is slow or unsupported)."""
+    """'auto': fp16 on a GPU (what the release runs), fp32 on the CPU (where fp16 is slow or unsupported).
+    'fp16' on the CPU also gives fp32, with a warning; 'fp16-force' (or a torch.dtype) is taken as it is."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in PRECISIONS:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(PRECISIONS)}")
+    if dtype == FORCED_FP16:
+        return torch.float16
+    if dtype == "fp16" and device.type == "cpu":
+        log.warning("fp16 on the CPU is many times slower than fp32 (CPUs have little or no fp16 arithmetic): "
+                    "using fp32; choose the precision %r (--dtype %s) to run fp16 on the CPU anyway",
+                    FORCED_FP16, FORCED_FP16)
+        return torch.float32
     return parse_dtype(dtype)
 
 
@@ -95,7 +109,11 @@ class EmoCASTModels:
             vae = load_vae_file(paths.vae_file, dtype=dtype).to(device)
         else:
             with _folder_load("VAE", paths.vae, "https://huggingface.co/stabilityai/sd-vae-ft-mse"):
-                vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype).to(device)
+                # low_cpu_mem_usage needs accelerate (installed with the train extra only, not a runtime
+                # dependency: the VAE is small). Saying so explicitly spares every load diffusers' warning
+                # that it fell back to the ordinary loading without it.
+                vae = AutoencoderKL.from_pretrained(paths.vae, local_files_only=True, torch_dtype=dtype,
+                                                    low_cpu_mem_usage=is_accelerate_available()).to(device)
         vae.requires_grad_(False)
         if paths.clip_file is not None:
             text = load_clip_text_file(paths.clip_file, paths.tokenizer_dir, device=device, dtype=dtype)

@@ -12,7 +12,7 @@ CATEGORY = "EmoCAST"
 NET_SUFFIXES = (".safetensors", ".pth", ".pt")
 NO_MODELS = "no EmoCAST models found (see the node's description)"
 FROM_FOLDER = "(from the EmoCAST folder)"
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+PRECISIONS = ["auto", "fp32", "fp16", "bf16", "fp16-force"]  # the library's (emocast_core.runtime.PRECISIONS)
 DEVICES = ["auto", "cpu", "cuda"]
 
 LAYOUT = ("models/emocast/ (or a sub-folder of it, one per model variant) holding emocast.safetensors or net.pth, "
@@ -102,7 +102,9 @@ class EmoCASTLoader:
                                                    "clip/, wav2vec2/ and face_analysis/ folders beside it are "
                                                    "loaded with it."}),
             "precision": (PRECISIONS, {"default": "auto", "tooltip": "auto: fp16 on a GPU (as released), fp32 on "
-                                                                     "the CPU. bf16 needs a recent GPU."}),
+                                                                     "the CPU. bf16 needs a recent GPU. fp16 on the "
+                                                                     "CPU falls back to fp32 (fp16 is very slow "
+                                                                     "there); fp16-force runs it anyway."}),
             "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's compute device (--cpu is "
                                                                "honoured)."}),
             "offload": ("BOOLEAN", {"default": False, "label_on": "offload to CPU", "label_off": "keep on device",
@@ -123,7 +125,9 @@ class EmoCASTLoader:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        net = resolve_choice(model).resolve()
+        # Not resolve(): the vae/, clip/, wav2vec2/ and face_analysis/ folders sit beside the file as listed,
+        # which may be a symlink to weights elsewhere (another drive) with nothing beside its target.
+        net = resolve_choice(model).absolute()
         clip_file = shared_file("text_encoders", clip)
         spec = LoadSpec(net, precision, device, bool(offload), vae_file=shared_file("vae", vae), clip_file=clip_file,
                         # the tokenizer ComfyUI ships; without it (None) the model folder's clip/

@@ -43,7 +43,7 @@ class LoadSpec:
     """What to load, and the cache key: the same file at another precision or device is another entry."""
 
     net: Path  # the network file; the other model folders sit beside it
-    precision: str = "auto"  # auto / fp32 / fp16 / bf16
+    precision: str = "auto"  # auto / fp32 / fp16 (fp32 on the CPU) / bf16 / fp16-force
     device: str = "auto"  # auto (ComfyUI's device, else CUDA when available) / cpu / cuda
     offload: bool = False  # keep the weights on the CPU and move each part to the device only while it runs
     vae_file: Path | None = None  # single files (ComfyUI's own model folders) used instead of vae/, clip/, wav2vec2/
@@ -61,7 +61,9 @@ class LoadedModels:
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+    # followlinks: linked-in sub-folders (vae/ on another drive) count too; getsize follows file links
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(folder, followlinks=True) for f in files)
 
 
 def load_models(spec: LoadSpec) -> LoadedModels:

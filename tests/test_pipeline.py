@@ -137,6 +137,34 @@ def test_dtype_choice():
         resolve_dtype("fp8", torch.device("cpu"))
 
 
+def test_fp16_on_the_cpu_falls_back_to_fp32_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="emocast_core.runtime"):
+        assert resolve_dtype("fp16", torch.device("cpu")) == torch.float32
+    (record,) = [r for r in caplog.records if r.name == "emocast_core.runtime"]
+    assert record.levelname == "WARNING" and "\n" not in record.getMessage()
+    assert "slower" in record.getMessage() and "using fp32" in record.getMessage()
+    assert "'fp16-force' (--dtype fp16-force)" in record.getMessage()  # how to force it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emocast_core.runtime"):
+        assert resolve_dtype("fp16", torch.device("cuda")) == torch.float16  # a GPU: as asked, silently
+        assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # bf16 on the CPU is fine
+    assert not caplog.records
+
+
+def test_forced_fp16_runs_on_the_cpu(caplog):
+    from emocast_core.cli import COMMANDS
+    from emocast_core.cli.table import build_parser
+
+    with caplog.at_level("WARNING", logger="emocast_core.runtime"):
+        assert resolve_dtype("fp16-force", torch.device("cpu")) == torch.float16
+        assert resolve_dtype("fp16-force", torch.device("cuda")) == torch.float16
+    assert not caplog.records
+    parser = build_parser(COMMANDS, "emocast", "test")
+    args = parser.parse_args(["generate", "--models", "m", "--image", "i.png", "--audio", "a.wav", "--emotion", "calm",
+                              "--out", "o.mp4", "--dtype", "fp16-force"])
+    assert args.dtype == "fp16-force"
+
+
 def test_vocal_separator_in_the_model_folder_is_used(tmp_path, portrait, speech, caplog):
     """A separator/ folder (here an identity MDX-Net model with the real signature) is found and applied."""
     root = write_tiny_models(tmp_path / "models", separator=True)

@@ -165,9 +165,46 @@ def test_low_memory_workflow_uses_the_low_memory_settings():
     data = json.loads((ROOT / "workflows" / "emocast_long_audio_low_memory.json").read_text())
     by_type = {n["type"]: n for n in data["nodes"]}
     model, precision, device, offload, *_shared = by_type["EmoCASTLoader"]["widgets_values"]
-    assert precision == "fp16" and offload is True
+    assert precision == "auto" and offload is True
     assert by_type["EmoCASTSampler"]["widgets_values"][-1] == 1  # decode_batch
     assert "EmoCASTUnloadModels" in by_type
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_loader_precision_is_auto(path):
+    """auto: fp16 on a GPU, fp32 on the CPU (a forced fp16 would crawl there)."""
+    loaders = [n for n in json.loads(path.read_text())["nodes"] if n["type"] == "EmoCASTLoader"]
+    assert loaders and all(n["widgets_values"][1] == "auto" for n in loaders)
+
+
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar this far above its pos
+
+
+def _box(node: dict) -> tuple[float, float, float, float]:
+    """A node's on-screen box (left, top, right, bottom) from its saved pos and size, title bar included."""
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + width, y + height
+
+
+def _overlaps(data: dict) -> list[str]:
+    boxes = [(f"{n['id']} ({n['type']})", _box(n)) for n in data["nodes"]]
+    return [f"{a} and {b}" for i, (a, (l1, t1, r1, b1)) in enumerate(boxes) for b, (l2, t2, r2, b2) in boxes[i + 1:]
+            if l1 < r2 and l2 < r1 and t1 < b2 and t2 < b1]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_no_two_nodes_overlap(path):
+    assert _overlaps(json.loads(path.read_text())) == []
+
+
+def test_the_overlap_check_sees_the_title_bar():
+    def node(id_, x, y, w=100, h=100):
+        return {"id": id_, "type": "T", "pos": [x, y], "size": [w, h]}
+
+    assert _overlaps({"nodes": [node(1, 0, 0), node(2, 0, 130)]}) == []  # the title bar of 2 starts at 100
+    assert _overlaps({"nodes": [node(1, 0, 0), node(2, 0, 125)]}) == ["1 (T) and 2 (T)"]
+    assert _overlaps({"nodes": [node(1, 0, 0), node(2, 50, 50)]}) == ["1 (T) and 2 (T)"]
+    assert _overlaps({"nodes": [node(1, 0, 0), node(2, 100, 0)]}) == []  # touching edges are fine
 
 
 def test_the_checks_catch_a_broken_workflow(node_specs, tmp_path):

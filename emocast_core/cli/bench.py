@@ -84,7 +84,7 @@ def _conditioning(config: NetConfig, size: int, frames: int, clip_length: int) -
 
 def run_bench(full: bool = False, size: int | None = None, steps: int = 4, clips: int = 2,
               clip_length: int = SamplingSettings.clip_length,
-              device: str | None = None, dtype: str | None = None) -> BenchResult:
+              device: str | None = None, dtype: str | torch.dtype | None = None) -> BenchResult:
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
     config = NetConfig.full() if full else NetConfig.tiny()
@@ -130,7 +130,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(f"EmoCAST sampler benchmark: {name} model, {args.size or (512 if args.full else 128)} px, "
           f"{args.steps} steps, {args.clips} clips of {args.clip_length} frames, {dtype} on {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    result = run_bench(args.full, args.size, args.steps, args.clips, args.clip_length, args.device, args.dtype)
+    result = run_bench(args.full, args.size, args.steps, args.clips, args.clip_length, args.device, dtype)
     print(result.report())
     release_steps = SamplingSettings.steps
     if args.steps != release_steps:

@@ -86,13 +86,13 @@ def generate_from_files(models_dir: str | Path, image: str | Path, audio: str | 
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of the .mp4 file to write")
     check_settings(settings, size, emotion, crossfade, strength)
-    resolve_dtype(dtype, resolve_device(device))
+    run_dtype = resolve_dtype(dtype, resolve_device(device))  # resolved once: one fp16-on-CPU warning
     portrait = load_image(image)
     validate_portrait(portrait)
     speech = load_audio(audio)
     paths = ModelPaths.resolve(models_dir, net=net)
     started = time.perf_counter()
-    models = EmoCASTModels.load(paths, device=device, dtype=dtype)
+    models = EmoCASTModels.load(paths, device=device, dtype=run_dtype)
     log.info("models loaded in %.1f s", time.perf_counter() - started)
     request = GenerationRequest(image=portrait, audio=speech, emotion=emotion, size=size, crop=crop,
                                 crossfade=crossfade, strength=strength, sampling=settings,
@@ -133,7 +133,9 @@ def generate_args() -> tuple[Arg, ...]:
         arg("--no-crop", action="store_true",
             help="resize the whole image instead of cropping a square around the face (the release's behaviour)"),
         arg("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
-        arg("--dtype", default="auto", choices=PRECISIONS, help="precision (auto: fp16 on a GPU, fp32 on the CPU)"),
+        arg("--dtype", default="auto", choices=PRECISIONS,
+            help="precision (auto: fp16 on a GPU, fp32 on the CPU; fp16 on the CPU falls back to fp32 with a "
+                 "warning, fp16-force runs fp16 there anyway)"),
         arg("--net", type=Path, help="weights file to use instead of the one in --models"),
         arg("--no-separation", action="store_true",
             help="skip vocal separation even when the model folder has separator/Kim_Vocal_2.onnx"),
