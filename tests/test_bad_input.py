@@ -21,7 +21,6 @@ from emocast_core.sampling_settings import MAX_SEED, SamplingSettings
 from emocast_core.testing.speech import synthesize_speech
 from emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from emocast_core.testing.face_models import (
 )
 
 # insightface's alignment helper uses a scikit-image API that warns on recent versions
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # the reference embedding calls insightface directly
 
 # where the astronaut's face is in skimage's 512x512 photo, as fractions of the image
 ASTRONAUT_FACE = SyntheticFace(center=(0.44, 0.22), size=0.2)

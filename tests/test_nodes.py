@@ -23,7 +23,6 @@ from comfy_stubs import fake_comfy, node, portrait, speech  # noqa: F401  (fixtu
 from conftest import CORE_NODE_SPEC, PACK, ROOT, load_pack
 from emocast_core.sampling_settings import SamplingSettings
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
 
 
 pack = load_pack()

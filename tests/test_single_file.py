@@ -27,7 +27,6 @@ from emocast_pack.emocast_core.runtime import EmoCASTModels
 from emocast_pack.emocast_core.preprocess.audio_features import Wav2Vec2AudioEncoder
 from emocast_pack.emocast_core.testing.tiny_models import TINY_SIZE, write_tiny_models
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface on recent scikit-image
 
 adapter = sys.modules["emocast_pack.nodes.comfy_adapter"]
 model_cache = sys.modules["emocast_pack.nodes.model_cache"]
